@@ -1,0 +1,186 @@
+"""Fast dense descriptor extraction (Bailer et al., BMVC 2017; paper §2).
+
+The descriptor of the p×p patch centred at every pixel of an image, computed without running the
+patch network once per pixel. Two exact methods share one entry point:
+
+* ``"multipool"``: each s×s/s pooling becomes multi-pooling (the s² shifted poolings stacked on
+  the batch axis); after the last layer the stacked offsets are *unwarped* (transpose + reshape)
+  back into H×W order.
+* ``"atrous"``: pooling with stride 1 and every later layer dilated by the accumulated stride; the
+  output is already in H×W order.
+
+Both equal per-patch evaluation up to float rounding (tests/test_dense.py).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from ustad.models.patch_net import PatchNet, Pool
+
+PADDING_MODES = ("reflect", "constant", "edge", "symmetric")
+METHODS = ("multipool", "atrous")
+# Measured in benchmarks/dense_extraction.py (RESULTS.md): multi-pooling is the faster exact
+# method on CPU and GPU for the paper's networks, so it is the default.
+DEFAULT_METHOD = "multipool"
+
+
+def _input_channels(variables) -> int | None:
+    params = variables.get("params", variables) if hasattr(variables, "get") else variables
+    try:
+        return int(params["conv1"]["kernel"].shape[-2])
+    except (KeyError, TypeError, IndexError):
+        return None
+
+
+def check_dense_inputs(module: PatchNet, variables, images_shape, *, patch_size, padding, method):
+    """Validate a dense-extraction request, raising ``ValueError`` that says what to change."""
+    if patch_size != module.patch_size:
+        raise ValueError(
+            f"patch_size={patch_size} but the module's receptive field is {module.patch_size}"
+        )
+    if padding not in PADDING_MODES:
+        raise ValueError(f"padding must be one of {PADDING_MODES} (numpy.pad modes), got {padding!r}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if len(images_shape) != 4:
+        raise ValueError(f"images must be [N, H, W, C], got shape {tuple(images_shape)}")
+    _, height, width, channels = images_shape
+    stride = module.stride
+    if height % stride or width % stride:
+        raise ValueError(
+            f"image size {height}×{width} must be a multiple of {stride} (the product of the "
+            f"pooling strides for p={patch_size}); resize or crop to e.g. "
+            f"{-(-height // stride) * stride}×{-(-width // stride) * stride}"
+        )
+    half = (patch_size - 1) // 2
+    if padding in ("reflect", "symmetric") and (height <= half or width <= half):
+        raise ValueError(
+            f"{padding!r} padding by {half} needs images larger than {half} pixels, got "
+            f"{height}×{width}; use padding='constant' or 'edge'"
+        )
+    expected = _input_channels(variables)
+    if expected is not None and expected != channels:
+        raise ValueError(
+            f"images have {channels} channels but the network's first convolution expects "
+            f"{expected}; convert the images (e.g. grayscale↔RGB) or use a matching network"
+        )
+
+
+def unwarp(stacked: jax.Array, batch: int, strides: tuple[int, ...]) -> jax.Array:
+    """Undo the offset stacking of multi-pooling.
+
+    Args:
+      stacked: ``[prod(s_i²)·N, Qh, Qw, D]``, offsets of the last pooling outermost.
+      batch: N.
+      strides: pooling strides in network order (s_1, …, s_l).
+
+    Returns:
+      ``[N, Qh·S, Qw·S, D]`` with S = prod(s_i); pixel r = S·q + Σ_i o_i·prod_{j<i} s_j.
+    """
+    levels = len(strides)
+    _, qh, qw, dim = stacked.shape
+    shape = []
+    for s in reversed(strides):
+        shape += [s, s]
+    x = stacked.reshape(*shape, batch, qh, qw, dim)
+    oy_axes = [2 * i for i in range(levels)]  # o_l … o_1, most significant first
+    ox_axes = [2 * i + 1 for i in range(levels)]
+    n_axis = 2 * levels
+    x = x.transpose(n_axis, n_axis + 1, *oy_axes, n_axis + 2, *ox_axes, n_axis + 3)
+    total = 1
+    for s in strides:
+        total *= s
+    return x.reshape(batch, qh * total, qw * total, dim)
+
+
+@functools.partial(jax.jit, static_argnames=("module", "padding", "method"))
+def _dense(module: PatchNet, variables, images, padding: str, method: str):
+    batch, height, width, _ = images.shape
+    half = (module.patch_size - 1) // 2
+    padded = jnp.pad(images, ((0, 0), (half, half), (half, half), (0, 0)), mode=padding)
+    if method == "atrous":
+        # The floor of odd-sized poolings makes the true receptive field smaller than p (32 of
+        # 33, 60 of 65): the extra rows at the end belong to no patch.
+        return module.apply(variables, padded, mode="atrous")[:, :height, :width]
+    stride = module.stride
+    out = module.apply(variables, padded, mode="multipool")
+    out = out[:, : height // stride, : width // stride]
+    strides = tuple(layer.size for layer in module.layers if isinstance(layer, Pool))
+    if not strides:
+        return out
+    return unwarp(out, batch, strides)
+
+
+def dense_apply(
+    module: PatchNet,
+    variables,
+    images: jax.Array,
+    *,
+    patch_size: int | None = None,
+    padding: str = "reflect",
+    method: str | None = None,
+) -> jax.Array:
+    """Dense patch descriptors for every pixel.
+
+    Args:
+      module: a :class:`~ustad.models.patch_net.PatchNet`.
+      variables: its variables (``{"params": ...}``).
+      images: ``[N, H, W, C]``; H and W multiples of ``module.stride`` (8 for p=65, 4 for p=33).
+      patch_size: p; checked against the module when given.
+      padding: how the image is padded by (p−1)/2 on each side (numpy.pad mode name).
+      method: ``"multipool"`` or ``"atrous"``; ``None`` uses :data:`DEFAULT_METHOD`.
+
+    Returns:
+      ``[N, H, W, out_dim]``: the descriptor of the p×p patch centred at each pixel (for even
+      offsets, top-left of centre: the patch of pixel (r, c) is ``padded[r:r+p, c:c+p]``).
+    """
+    method = method or DEFAULT_METHOD
+    check_dense_inputs(
+        module,
+        variables,
+        images.shape,
+        patch_size=module.patch_size if patch_size is None else patch_size,
+        padding=padding,
+        method=method,
+    )
+    return _dense(module, variables, images, padding, method)
+
+
+def extract_patches(images: jax.Array, patch_size: int, padding: str = "reflect") -> jax.Array:
+    """Every p×p patch of the padded images, for per-patch reference evaluation.
+
+    Args:
+      images: ``[N, H, W, C]``.
+
+    Returns:
+      ``[N, H, W, p, p, C]`` (memory grows with p²: use on small images).
+    """
+    half = (patch_size - 1) // 2
+    padded = jnp.pad(images, ((0, 0), (half, half), (half, half), (0, 0)), mode=padding)
+    _, height, width, _ = images.shape
+    rows = jnp.arange(height)[:, None] + jnp.arange(patch_size)[None, :]  # [H, p]
+    cols = jnp.arange(width)[:, None] + jnp.arange(patch_size)[None, :]  # [W, p]
+    return padded[:, rows[:, None, :, None], cols[None, :, None, :]]
+
+
+def per_patch_apply(
+    module: PatchNet, variables, images: jax.Array, *, padding: str = "reflect", chunk: int = 4096
+) -> jax.Array:
+    """Reference: the patch network run on every patch separately (slow; for tests/benchmarks).
+
+    Args:
+      images: ``[N, H, W, C]``.
+
+    Returns:
+      ``[N, H, W, out_dim]``.
+    """
+    batch, height, width, channels = images.shape
+    p = module.patch_size
+    patches = extract_patches(images, p, padding).reshape(-1, p, p, channels)
+    apply = jax.jit(lambda v, x: module.apply(v, x))
+    outs = [apply(variables, patches[i : i + chunk]) for i in range(0, patches.shape[0], chunk)]
+    return jnp.concatenate(outs).reshape(batch, height, width, -1)

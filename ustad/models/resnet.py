@@ -1,0 +1,181 @@
+"""ResNet-18 (He et al., 2016) in Flax Linen, weight-compatible with torchvision.
+
+The paper's pretrained network P is an ImageNet ResNet-18 whose 512-d globally average-pooled
+feature the teacher is distilled from (paper.md §3). This module reproduces torchvision's
+``resnet18`` for inference: BatchNorm uses its running statistics (eps 1e-5), convolutions and
+max pooling pad symmetrically exactly as torchvision does, so a converted torchvision state dict
+gives the same outputs.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ustad.models import torch_io
+
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "ResNet18",
+    "convert_torchvision_resnet18",
+    "load_resnet18",
+]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Inference only: P is a frozen feature extractor, so BatchNorm always uses running statistics.
+_BatchNorm = functools.partial(nn.BatchNorm, use_running_average=True, momentum=0.9, epsilon=1e-5)
+
+
+class BasicBlock(nn.Module):
+    """Two 3×3 convolutions with an identity (or 1×1 projection) shortcut.
+
+    Attributes:
+        features: output channels.
+        strides: stride of the first convolution and of the projection shortcut.
+    """
+
+    features: int
+    strides: int = 1
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Maps ``x: [N, H, W, C]`` to ``[N, H/strides, W/strides, features]``."""
+        conv = functools.partial(nn.Conv, self.features, use_bias=False)
+        y = conv((3, 3), self.strides, padding=((1, 1), (1, 1)), name="conv1")(x)
+        y = nn.relu(_BatchNorm(name="bn1")(y))
+        y = conv((3, 3), padding=((1, 1), (1, 1)), name="conv2")(y)
+        y = _BatchNorm(name="bn2")(y)
+        shortcut = x
+        if self.strides != 1 or x.shape[-1] != self.features:
+            shortcut = conv((1, 1), self.strides, padding="VALID", name="downsample_conv")(x)
+            shortcut = _BatchNorm(name="downsample_bn")(shortcut)
+        return nn.relu(y + shortcut)
+
+
+class ResNet18(nn.Module):
+    """torchvision's ResNet-18 for inference.
+
+    Attributes:
+        num_classes: size of the final linear layer (ImageNet: 1000).
+        normalize: apply the ImageNet mean/std normalisation torchvision's weights expect.
+    """
+
+    num_classes: int = 1000
+    normalize: bool = True
+
+    @nn.compact
+    def __call__(
+        self, images: jax.Array, *, return_maps: bool = False
+    ) -> jax.Array | dict[str, jax.Array]:
+        """Runs the network.
+
+        Args:
+            images: ``[N, H, W, 3]`` float RGB in [0, 1] (any size ≥ 1; 224 is ImageNet's).
+            return_maps: also return the intermediate feature maps and the logits.
+
+        Returns:
+            ``pooled: [N, 512]``, the globally average-pooled last feature map; or, with
+            ``return_maps``, a dict with ``"layer1" [N, H/4, W/4, 64]``, ``"layer2" [.., /8, 128]``,
+            ``"layer3" [.., /16, 256]``, ``"layer4" [.., /32, 512]`` (sizes rounded up),
+            ``"pooled" [N, 512]`` and ``"logits" [N, num_classes]``.
+        """
+        x = images.astype(jnp.float32)
+        if self.normalize:
+            x = (x - jnp.asarray(IMAGENET_MEAN)) / jnp.asarray(IMAGENET_STD)
+        x = nn.Conv(64, (7, 7), 2, padding=((3, 3), (3, 3)), use_bias=False, name="conv1")(x)
+        x = nn.relu(_BatchNorm(name="bn1")(x))
+        # Padding with -inf (nn.max_pool's pad value) equals torch's max pool padding.
+        x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+        maps = {}
+        for stage, features in enumerate((64, 128, 256, 512), start=1):
+            for index in range(2):
+                strides = 2 if stage > 1 and index == 0 else 1
+                x = BasicBlock(features, strides, name=f"layer{stage}_{index}")(x)
+            maps[f"layer{stage}"] = x
+        pooled = jnp.mean(x, axis=(1, 2))
+        # The classifier is always built so torchvision's fc weights have somewhere to go; under
+        # jit it costs nothing when only `pooled` is used.
+        logits = nn.Dense(self.num_classes, name="fc")(pooled)
+        if not return_maps:
+            return pooled
+        return {**maps, "pooled": pooled, "logits": logits}
+
+
+def _torch_module(path: tuple[str, ...]) -> str:
+    """Flax module path -> torchvision module name (``layer2_0/downsample_bn`` ->
+    ``layer2.0.downsample.1``)."""
+    names = []
+    for part in path:
+        if part.startswith("layer"):
+            part = part.replace("_", ".")
+        names.append(
+            {"downsample_conv": "downsample.0", "downsample_bn": "downsample.1"}.get(part, part)
+        )
+    return ".".join(names)
+
+
+def convert_torchvision_resnet18(
+    state_dict: Mapping[str, np.ndarray],
+    *,
+    num_classes: int = 1000,
+    source: str = "state dict",
+) -> dict:
+    """Converts torchvision's ``resnet18`` state dict to :class:`ResNet18` variables.
+
+    Args:
+        state_dict: torchvision keys (``conv1.weight``, ``bn1.running_mean``,
+            ``layer1.0.conv1.weight``, ``layer2.0.downsample.0.weight``, ``fc.bias``, ...) to
+            arrays in torch layout (conv OIHW, linear [out, in]); ``num_batches_tracked``
+            entries may be present or not.
+        num_classes: rows of ``fc.weight``.
+        source: names the state dict (usually its path) in error messages.
+
+    Returns:
+        ``{"params": ..., "batch_stats": ...}`` of float32 jax arrays (kernels HWIO).
+
+    Raises:
+        torch_io.StateDictMismatchError: listing every missing, unexpected and mis-shaped key.
+    """
+    module = ResNet18(num_classes=num_classes)
+    template = jax.eval_shape(
+        module.init, jax.random.key(0), jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
+    )
+    rules = torch_io.rules_from_template(template, _torch_module)
+    variables = torch_io.assign_state_dict(
+        state_dict,
+        rules,
+        template,
+        optional=lambda key: key.endswith(".num_batches_tracked"),
+        source=source,
+    )
+    return jax.tree.map(jnp.asarray, variables)
+
+
+def load_resnet18(path: str | os.PathLike, *, num_classes: int = 1000) -> tuple[ResNet18, dict]:
+    """Loads a torchvision ResNet-18 weight file (torch zip, legacy or safetensors).
+
+    Args:
+        path: the weight file, e.g. torchvision's ``resnet18-f37072fd.pth``.
+        num_classes: rows of the file's ``fc.weight``.
+
+    Returns:
+        ``(module, variables)`` for ``module.apply(variables, images)``.
+
+    Raises:
+        torch_io.WeightFileError: the file is not a readable weight file.
+        torch_io.StateDictMismatchError: its keys or shapes are not ResNet-18's.
+    """
+    state_dict = torch_io.load_state_dict(path)
+    variables = convert_torchvision_resnet18(
+        state_dict, num_classes=num_classes, source=os.fspath(path)
+    )
+    return ResNet18(num_classes=num_classes), variables
