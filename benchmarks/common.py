@@ -1,0 +1,69 @@
+"""Shared helpers for the benchmark scripts: timing, device names, JSON lines."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+
+import jax
+
+
+def device_name() -> str:
+    """E.g. ``'cpu: Intel Xeon … (2 cores)'`` or ``'gpu: NVIDIA H100 80GB HBM3'``."""
+    device = jax.devices()[0]
+    if device.platform == "cpu":
+        model = platform.processor() or "cpu"
+        try:
+            with open("/proc/cpuinfo") as f:
+                for line in f:
+                    if line.startswith("model name"):
+                        model = line.split(":", 1)[1].strip()
+                        break
+        except OSError:
+            pass
+        return f"cpu: {model} ({os.cpu_count()} cores)"
+    return f"{device.platform}: {device.device_kind}"
+
+
+def time_fn(fn, *args, warmup: int = 1, repeats: int = 5, min_repeats: int = 3, budget_s=None):
+    """Median wall time (s) of ``fn(*args)`` after ``warmup`` calls, blocking on the result.
+
+    With ``budget_s``, stops after the budget once ``min_repeats`` runs are done.
+    """
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    times = []
+    start = time.perf_counter()
+    for i in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+        if budget_s is not None and i + 1 >= min_repeats and time.perf_counter() - start > budget_s:
+            break
+    return statistics.median(times)
+
+
+def compiled_stats(jitted, *args) -> dict:
+    """FLOPs and memory of one compiled call, from XLA's own analysis (None where missing)."""
+    compiled = jitted.lower(*args).compile()
+    stats = {"flops": None, "temp_mb": None}
+    try:
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, list | tuple) else cost
+        stats["flops"] = float(cost.get("flops", 0.0)) or None
+    except Exception:  # noqa: BLE001  (backends without cost analysis)
+        pass
+    try:
+        memory = compiled.memory_analysis()
+        total = memory.temp_size_in_bytes + memory.argument_size_in_bytes
+        stats["temp_mb"] = round((total + memory.output_size_in_bytes) / 2**20, 1)
+    except Exception:  # noqa: BLE001
+        pass
+    return stats
+
+
+def emit(record: dict) -> None:
+    print(json.dumps(record), flush=True)
