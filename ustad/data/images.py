@@ -1,0 +1,253 @@
+"""Reading, resizing and writing image files as float32 arrays in [0, 1].
+
+Every reader in `ustad.data` goes through these functions so that all datasets agree on
+channel handling (grayscale images become 3 identical channels unless `grayscale=True`),
+resampling (images bilinear with antialiasing, masks nearest) and error messages (an unreadable
+file raises an error that names it).
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
+
+# ITU-R BT.601 luma weights, the same ones PIL uses for RGB -> "L".
+_LUMA = np.array([0.299, 0.587, 0.114], np.float32)
+
+# PIL modes that hold one intensity channel; everything else is converted to RGB.
+_GRAY_MODES = ("1", "L", "LA", "La")
+_SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+
+
+def as_size(image_size: int | Sequence[int]) -> tuple[int, int]:
+    """Normalises an image size argument to `(height, width)`.
+
+    Args:
+        image_size: an int (square) or a pair `(height, width)` of positive ints.
+
+    Returns:
+        `(height, width)`.
+    """
+    if isinstance(image_size, int | np.integer):
+        size = (int(image_size), int(image_size))
+    else:
+        size = tuple(int(s) for s in image_size)
+    if len(size) != 2 or min(size) < 1:
+        raise ValueError(f"image_size must be a positive int or (height, width), got {image_size}")
+    return size
+
+
+def list_image_files(directory: str | os.PathLike) -> list[Path]:
+    """Image files (png/jpg/jpeg/bmp, any case) directly inside `directory`, sorted by name.
+
+    Hidden files (names starting with ".") are skipped, so editor and OS droppings such as
+    `.DS_Store` or `._000.png` do not turn into corrupt-image errors.
+    """
+    directory = Path(directory)
+    return sorted(
+        p
+        for p in directory.iterdir()
+        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS
+    )
+
+
+def _pil_to_float(img: Image.Image) -> np.ndarray:
+    """Returns `[H, W]` (one channel) or `[H, W, 3]` float32 in [0, 1]."""
+    if img.mode in _SIXTEEN_BIT_MODES:
+        return np.asarray(img, np.float32) / 65535.0
+    if img.mode == "I":
+        # PIL opens 16-bit grayscale PNGs as 32-bit "I"; values are in the 16-bit range.
+        return np.clip(np.asarray(img, np.float32) / 65535.0, 0.0, 1.0)
+    if img.mode == "F":
+        return np.clip(np.asarray(img, np.float32), 0.0, 1.0)
+    if img.mode in _GRAY_MODES:
+        return np.asarray(img.convert("L"), np.float32) / 255.0
+    return np.asarray(img.convert("RGB"), np.float32) / 255.0
+
+
+def _open_and_convert(path: Path, convert):
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return convert(img)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"Image file not found: {path}") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        # PIL signals truncated/corrupt data with OSError (UnidentifiedImageError included),
+        # SyntaxError (bad PNG chunks) or ValueError; all mean "this file is unusable".
+        raise ValueError(f"Cannot read image file {path}: {err}") from err
+
+
+def read_image(path: str | os.PathLike, *, grayscale: bool = False) -> np.ndarray:
+    """Reads an image file at its native size.
+
+    Args:
+        path: a png/jpg/jpeg/bmp file, 8 or 16 bit, grayscale, palette, RGB or RGBA (alpha is
+            dropped).
+        grayscale: return one luminance channel instead of three.
+
+    Returns:
+        `[H, W, C]` float32 in [0, 1]; `C = 1` if `grayscale` else 3 (gray images are repeated).
+
+    Raises:
+        FileNotFoundError: `path` does not exist.
+        ValueError: the file cannot be decoded (the message names it).
+    """
+    array = _open_and_convert(Path(path), _pil_to_float)
+    if array.ndim == 2:
+        array = array[..., None]
+        return array if grayscale else np.repeat(array, 3, axis=-1)
+    if grayscale:
+        return (array @ _LUMA)[..., None].astype(np.float32)
+    return array
+
+
+def read_mask(path: str | os.PathLike) -> np.ndarray:
+    """Reads a mask file at its native size as `[H, W]` bool (True where any channel > 0)."""
+
+    def convert(img: Image.Image) -> np.ndarray:
+        if img.mode == "P":
+            img = img.convert("RGB")
+        elif img.mode in ("LA", "La", "PA"):
+            img = img.convert("L")
+        elif img.mode in ("RGBA", "RGBa", "RGBX", "CMYK", "YCbCr"):
+            img = img.convert("RGB")
+        array = np.asarray(img)
+        return array.any(axis=-1) if array.ndim == 3 else array > 0
+
+    return _open_and_convert(Path(path), convert)
+
+
+def resize_image(image: np.ndarray, size: int | Sequence[int]) -> np.ndarray:
+    """Bilinear resize with antialiasing (PIL's filter widens when downsampling).
+
+    Args:
+        image: `[H, W, C]` float32.
+        size: target `(height, width)` or an int for a square.
+
+    Returns:
+        `[height, width, C]` float32; `image` itself when it already has that size.
+    """
+    height, width = as_size(size)
+    if image.shape[:2] == (height, width):
+        return image
+    channels = [
+        np.asarray(
+            Image.fromarray(np.ascontiguousarray(image[..., c], np.float32)).resize(
+                (width, height), Image.Resampling.BILINEAR
+            )
+        )
+        for c in range(image.shape[-1])
+    ]
+    return np.clip(np.stack(channels, axis=-1), 0.0, 1.0).astype(np.float32)
+
+
+def resize_mask(mask: np.ndarray, size: int | Sequence[int]) -> np.ndarray:
+    """Nearest-neighbour resize of a `[H, W]` bool mask to `[height, width]` bool."""
+    height, width = as_size(size)
+    if mask.shape == (height, width):
+        return mask
+    img = Image.fromarray(mask.astype(np.uint8) * 255)
+    return np.asarray(img.resize((width, height), Image.Resampling.NEAREST)) > 0
+
+
+def to_uint8(image: np.ndarray) -> np.ndarray:
+    """`[..., C]` float in [0, 1] -> same shape uint8 (rounded, clipped)."""
+    return np.clip(np.rint(np.asarray(image, np.float32) * 255.0), 0, 255).astype(np.uint8)
+
+
+def encode_png(array: np.ndarray) -> bytes:
+    """PNG bytes of a `[H, W]`, `[H, W, 1]` or `[H, W, 3]` uint8 array."""
+    if array.dtype != np.uint8:
+        raise ValueError(f"encode_png needs uint8, got {array.dtype}")
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_png(path: str | os.PathLike, array: np.ndarray) -> None:
+    """Writes a uint8 `[H, W]`/`[H, W, 1]`/`[H, W, 3]` array as PNG, atomically.
+
+    The bytes go to a temporary file in the same directory that is then renamed, so a reader
+    never sees a half-written image.
+    """
+    path = Path(path)
+    data = encode_png(array)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def resolve_image_paths(source: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
+    """Image paths named by a directory, a glob pattern or an explicit list.
+
+    Args:
+        source: a directory (its image files, sorted; not recursive), a glob pattern such as
+            `"photos/**/*.jpg"` (recursive `**` allowed; sorted), or a sequence of paths.
+
+    Returns:
+        The paths; raises FileNotFoundError if there are none.
+    """
+    if isinstance(source, str | os.PathLike):
+        text = os.fspath(source)
+        if Path(text).is_dir():
+            paths = list_image_files(text)
+        elif glob.has_magic(text):
+            paths = sorted(
+                Path(p)
+                for p in glob.glob(text, recursive=True)
+                if Path(p).suffix.lower() in IMAGE_EXTENSIONS and Path(p).is_file()
+            )
+        elif Path(text).is_file():
+            paths = [Path(text)]
+        else:
+            raise FileNotFoundError(f"No such image file, directory or pattern: {text}")
+        if not paths:
+            raise FileNotFoundError(f"No image files ({', '.join(IMAGE_EXTENSIONS)}) in {text}")
+        return paths
+    paths = [Path(p) for p in source]
+    if not paths:
+        raise ValueError("Empty list of image paths")
+    return paths
+
+
+def load_images(
+    source: str | os.PathLike | Sequence[str | os.PathLike],
+    *,
+    image_size: int | Sequence[int] | None = None,
+    grayscale: bool = False,
+) -> tuple[list[np.ndarray], list[str]]:
+    """Loads an image folder, glob or list of files.
+
+    Args:
+        source: see `resolve_image_paths`.
+        image_size: resize every image to this size; None keeps native sizes.
+        grayscale: one channel instead of three.
+
+    Returns:
+        `(images, paths)`: a list of `[H_i, W_i, C]` float32 arrays in [0, 1] and their paths.
+    """
+    paths = resolve_image_paths(source)
+    images = []
+    for path in paths:
+        image = read_image(path, grayscale=grayscale)
+        if image_size is not None:
+            image = resize_image(image, image_size)
+        images.append(image)
+    return images, [str(p) for p in paths]

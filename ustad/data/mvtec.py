@@ -1,0 +1,234 @@
+"""Reader for data in the MVTec AD folder layout.
+
+```
+<root>/<category>/train/good/*.png
+<root>/<category>/test/good/*.png
+<root>/<category>/test/<defect_type>/<name>.png
+<root>/<category>/ground_truth/<defect_type>/<name>_mask.png
+```
+Any category name works, so users' own data in this layout loads the same way as MVTec AD.
+Images may be png/jpg/jpeg/bmp (any case), grayscale or RGB, of any size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from ustad.data.images import (
+    IMAGE_EXTENSIONS,
+    as_size,
+    list_image_files,
+    read_image,
+    read_mask,
+    resize_image,
+    resize_mask,
+)
+
+MVTEC_CATEGORIES = (
+    "bottle",
+    "cable",
+    "capsule",
+    "carpet",
+    "grid",
+    "hazelnut",
+    "leather",
+    "metal_nut",
+    "pill",
+    "screw",
+    "tile",
+    "toothbrush",
+    "transistor",
+    "wood",
+    "zipper",
+)
+MVTEC_TEXTURES = ("carpet", "grid", "leather", "tile", "wood")
+GOOD = "good"
+
+
+@dataclasses.dataclass(frozen=True)
+class TestEntry:
+    """One test image of an MVTec-layout category.
+
+    Attributes:
+        image_path: the test image.
+        defect_type: its folder name under `test/` ("good" for anomaly-free images).
+        mask_path: its ground-truth mask, None for "good" images.
+    """
+
+    __test__ = False  # not a pytest test class despite the name
+
+    image_path: Path
+    defect_type: str
+    mask_path: Path | None
+
+
+@dataclasses.dataclass(frozen=True)
+class MVTecIndex:
+    """The files of one category, checked for completeness but not yet decoded.
+
+    Attributes:
+        category_dir: `<root>/<category>`.
+        train_paths: the images in `train/good`, sorted.
+        test: the test images, sorted by defect type then file name.
+    """
+
+    category_dir: Path
+    train_paths: list[Path]
+    test: list[TestEntry]
+
+
+@dataclasses.dataclass
+class MVTecCategory:
+    """One category loaded into memory.
+
+    Attributes:
+        train_images: `[N, H, W, C]` float32 in [0, 1], anomaly-free.
+        train_paths: N file paths.
+        test_images: `[M, H, W, C]` float32 in [0, 1].
+        test_masks: `[M, H, W]` bool, True on defective pixels (all False for good images).
+        test_labels: `[M]` int32, 1 = defective, 0 = good.
+        test_types: M defect-type names ("good" for anomaly-free images).
+        test_paths: M file paths.
+    """
+
+    train_images: np.ndarray
+    train_paths: list[str]
+    test_images: np.ndarray
+    test_masks: np.ndarray
+    test_labels: np.ndarray
+    test_types: list[str]
+    test_paths: list[str]
+
+
+def _find_mask(ground_truth_dir: Path, image_path: Path) -> Path | None:
+    """`<name>_mask.<ext>` for the image `<name>.<ext>`; `<name>.<ext>` is the fallback."""
+    if not ground_truth_dir.is_dir():
+        return None
+    by_name = {p.name.lower(): p for p in list_image_files(ground_truth_dir)}
+    for stem in (f"{image_path.stem}_mask", image_path.stem):
+        for ext in IMAGE_EXTENSIONS:
+            if (found := by_name.get(f"{stem}{ext}".lower())) is not None:
+                return found
+    return None
+
+
+def index_mvtec_category(root: str | os.PathLike, category: str) -> MVTecIndex:
+    """Lists and checks the files of `<root>/<category>` without decoding them.
+
+    Raises:
+        FileNotFoundError: the category, `train/good` or `test` folder is missing, or a
+            defective test image has no mask (the message names the image and the mask looked
+            for).
+        ValueError: `train/good` holds no images.
+    """
+    category_dir = Path(root) / category
+    if not category_dir.is_dir():
+        raise FileNotFoundError(f"MVTec category folder not found: {category_dir}")
+    train_dir = category_dir / "train" / GOOD
+    if not train_dir.is_dir():
+        raise FileNotFoundError(f"Missing training folder {train_dir}")
+    train_paths = list_image_files(train_dir)
+    if not train_paths:
+        raise ValueError(
+            f"No images ({', '.join(IMAGE_EXTENSIONS)}) in training folder {train_dir}"
+        )
+
+    test_dir = category_dir / "test"
+    if not test_dir.is_dir():
+        raise FileNotFoundError(f"Missing test folder {test_dir}")
+    test: list[TestEntry] = []
+    for type_dir in sorted(p for p in test_dir.iterdir() if p.is_dir()):
+        for image_path in list_image_files(type_dir):
+            if type_dir.name == GOOD:
+                test.append(TestEntry(image_path, GOOD, None))
+                continue
+            gt_dir = category_dir / "ground_truth" / type_dir.name
+            mask_path = _find_mask(gt_dir, image_path)
+            if mask_path is None:
+                raise FileNotFoundError(
+                    f"Defective test image {image_path} has no mask: expected "
+                    f"{gt_dir / (image_path.stem + '_mask.png')}"
+                )
+            test.append(TestEntry(image_path, type_dir.name, mask_path))
+    if not test:
+        raise ValueError(f"No test images in {test_dir}")
+    return MVTecIndex(category_dir, train_paths, test)
+
+
+def read_test_mask(entry: TestEntry, image_hw: tuple[int, int]) -> np.ndarray:
+    """The native-size `[H, W]` bool mask of a test entry, checked against its image size.
+
+    Args:
+        entry: the test entry.
+        image_hw: `(H, W)` of its image at native size.
+
+    Returns:
+        `[H, W]` bool; all False for good images. The size check happens before any resizing,
+        because a mask of the wrong size would otherwise be silently stretched onto its image.
+    """
+    height, width = image_hw
+    if entry.mask_path is None:
+        return np.zeros((height, width), bool)
+    mask = read_mask(entry.mask_path)
+    if mask.shape != (height, width):
+        raise ValueError(
+            f"Mask {entry.mask_path} is {mask.shape[1]}x{mask.shape[0]} (WxH) but its image "
+            f"{entry.image_path} is {width}x{height}"
+        )
+    return mask
+
+
+def load_mvtec_category(
+    root: str | os.PathLike,
+    category: str,
+    *,
+    image_size: int | Sequence[int] = 256,
+    grayscale: bool = False,
+) -> MVTecCategory:
+    """Loads one category of MVTec AD (or any data in its folder layout) into memory.
+
+    Args:
+        root: the folder that holds `<category>/`.
+        category: the category folder name (any name, not only the 15 of MVTec AD).
+        image_size: output size, an int or `(height, width)`; images are resized bilinearly with
+            antialiasing, masks by nearest neighbour and then binarised (> 0).
+        grayscale: one luminance channel (C = 1) instead of three (C = 3).
+
+    Returns:
+        The category; see `MVTecCategory` for shapes.
+
+    Raises:
+        FileNotFoundError: a missing folder, or a defective test image without a mask.
+        ValueError: empty `train/good`, a mask whose size differs from its image, or an image
+            file that cannot be decoded. Every message names the file at fault.
+    """
+    size = as_size(image_size)
+    index = index_mvtec_category(root, category)
+    channels = 1 if grayscale else 3
+
+    train_images = np.empty((len(index.train_paths), *size, channels), np.float32)
+    for i, path in enumerate(index.train_paths):
+        train_images[i] = resize_image(read_image(path, grayscale=grayscale), size)
+
+    num_test = len(index.test)
+    test_images = np.empty((num_test, *size, channels), np.float32)
+    test_masks = np.empty((num_test, *size), bool)
+    for i, entry in enumerate(index.test):
+        image = read_image(entry.image_path, grayscale=grayscale)
+        test_masks[i] = resize_mask(read_test_mask(entry, image.shape[:2]), size)
+        test_images[i] = resize_image(image, size)
+
+    return MVTecCategory(
+        train_images=train_images,
+        train_paths=[str(p) for p in index.train_paths],
+        test_images=test_images,
+        test_masks=test_masks,
+        test_labels=np.array([e.defect_type != GOOD for e in index.test], np.int32),
+        test_types=[e.defect_type for e in index.test],
+        test_paths=[str(e.image_path) for e in index.test],
+    )
