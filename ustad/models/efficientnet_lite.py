@@ -26,7 +26,9 @@ from ustad.models import torch_io
 
 __all__ = [
     "LITE0_STAGES",
+    "DepthwiseConv",
     "EfficientNetLite0",
+    "MBConv",
     "convert_efficientnet_lite0",
     "load_efficientnet_lite0",
     "package_weights_path",
@@ -53,6 +55,45 @@ _INPUT_STD = 128.0 / 255.0
 _BatchNorm = functools.partial(nn.BatchNorm, use_running_average=True, momentum=0.99, epsilon=1e-3)
 
 
+def _same_padding(size: int, kernel: int, strides: int) -> tuple[int, int]:
+    """TF "SAME" padding (before, after) of one spatial axis; the odd pixel goes after."""
+    total = max((-(-size // strides) - 1) * strides + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
+class DepthwiseConv(nn.Module):
+    """Depthwise k×k convolution, TF "SAME" padding, no bias.
+
+    Its variables are those of ``nn.Conv(C, (k, k), feature_group_count=C, use_bias=False)``
+    (``kernel: [k, k, 1, C]``), but it is computed as a sum of k² shifted, per-channel scaled
+    copies of the input: XLA's CPU grouped convolution is 10-40× slower on every Lite0 layer
+    (e.g. 1.6 s vs 0.10 s for 64×112×112×32, k = 3), and the shifted sum is the same arithmetic.
+
+    Attributes:
+        kernel_size: k.
+        strides: stride in both directions.
+    """
+
+    kernel_size: int
+    strides: int = 1
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Maps ``x: [N, H, W, C]`` to ``[N, ceil(H / strides), ceil(W / strides), C]``."""
+        k, s = self.kernel_size, self.strides
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (k, k, 1, x.shape[-1]))
+        pads = [_same_padding(n, k, s) for n in x.shape[1:3]]
+        out_h, out_w = -(-x.shape[1] // s), -(-x.shape[2] // s)
+        x = jnp.pad(x, ((0, 0), *pads, (0, 0)))
+        out = None
+        for i in range(k):
+            for j in range(k):
+                tap = x[:, i : i + s * (out_h - 1) + 1 : s, j : j + s * (out_w - 1) + 1 : s]
+                tap = tap * kernel[i, j, 0]
+                out = tap if out is None else out + tap
+        return out
+
+
 class MBConv(nn.Module):
     """Inverted residual block without squeeze-and-excitation (MobileNetV2-style).
 
@@ -76,15 +117,7 @@ class MBConv(nn.Module):
         if self.expand_ratio != 1:
             y = nn.Conv(hidden, (1, 1), use_bias=False, name="expand_conv")(y)
             y = nn.relu6(_BatchNorm(name="bn0")(y))
-        y = nn.Conv(
-            hidden,
-            (self.kernel, self.kernel),
-            self.strides,
-            padding="SAME",
-            feature_group_count=hidden,
-            use_bias=False,
-            name="depthwise_conv",
-        )(y)
+        y = DepthwiseConv(self.kernel, self.strides, name="depthwise_conv")(y)
         y = nn.relu6(_BatchNorm(name="bn1")(y))
         y = nn.Conv(self.features, (1, 1), use_bias=False, name="project_conv")(y)
         y = _BatchNorm(name="bn2")(y)

@@ -16,8 +16,9 @@ The writers (:func:`save_torch`, :func:`save_safetensors`) produce the same layo
 the ``safetensors`` package write, including shared storages, storage offsets and strides of
 NumPy views; the tests use them to round-trip what torchvision would save.
 
-The module also holds the name-and-shape check shared by the backbone converters
-(:func:`assign_state_dict`).
+The module also holds what the backbone converters share: torch -> Flax layout transforms,
+:func:`rules_from_template` (torch key per Flax variable) and :func:`assign_state_dict` (the
+name-and-shape check that lists every missing, unexpected and mis-shaped key).
 """
 
 from __future__ import annotations
@@ -40,10 +41,14 @@ __all__ = [
     "StateDictMismatchError",
     "WeightFileError",
     "assign_state_dict",
+    "conv_kernel",
+    "dense_kernel",
     "detect_format",
+    "identity",
     "load_safetensors",
     "load_state_dict",
     "load_torch",
+    "rules_from_template",
     "save_safetensors",
     "save_torch",
 ]
@@ -207,7 +212,7 @@ def _materialize(tensor: _TensorRef, buffers: Mapping[str, np.ndarray], path: st
     storage = tensor.storage
     flat = buffers[storage.key][storage.view_offset : storage.view_offset + storage.numel]
     shape, stride = tensor.shape, tensor.stride
-    if len(shape) != len(stride) or any(s < 0 for s in stride):
+    if len(shape) != len(stride) or any(n < 0 for n in shape) or any(s < 0 for s in stride):
         raise WeightFileError(f"{path}: bad tensor layout shape={shape} stride={stride}")
     if 0 in shape:
         return np.zeros(shape, flat.dtype)
@@ -241,6 +246,23 @@ def _flatten_tensors(obj: Any, buffers: Mapping[str, np.ndarray], path: str) -> 
     return out
 
 
+# What a corrupt pickle or zip directory raises besides pickle's and zipfile's own errors (calls
+# with wrong arguments, lookups of absent storages or records, bad values, unsupported zip
+# features: RuntimeError covers NotImplementedError and RecursionError). MemoryError: CPython's
+# unpickler allocates a bytes opcode's buffer from its (corrupt, huge) length before reading it.
+_MALFORMED = (
+    MemoryError,
+    KeyError,
+    IndexError,
+    TypeError,
+    ValueError,
+    AttributeError,
+    OverflowError,
+    OSError,
+    RuntimeError,
+)
+
+
 def _read_zip_torch(path: str) -> dict[str, np.ndarray]:
     try:
         with zipfile.ZipFile(path) as archive:
@@ -263,37 +285,46 @@ def _read_zip_torch(path: str) -> dict[str, np.ndarray]:
                 if len(raw) < ref.numel * dtype.itemsize:
                     raise WeightFileError(f"{path}: storage {key} is truncated")
                 buffers[key] = np.frombuffer(raw, dtype, ref.numel).astype(ref.dtype)
-    except (zipfile.BadZipFile, KeyError, EOFError, pickle.UnpicklingError, OSError) as err:
-        raise WeightFileError(f"{path}: truncated or corrupt torch zip file ({err})") from err
-    return _flatten_tensors(obj, buffers, path)
+        return _flatten_tensors(obj, buffers, path)
+    except WeightFileError:
+        raise
+    except (zipfile.BadZipFile, EOFError, pickle.UnpicklingError, *_MALFORMED) as err:
+        raise WeightFileError(f"{path}: truncated or corrupt torch zip file ({err!r})") from err
 
 
 def _read_legacy_torch(path: str) -> dict[str, np.ndarray]:
     try:
-        with open(path, "rb") as f:
-            magic = pickle.load(f)
+        # From memory: a corrupt pickle length then cannot make a file read allocate gigabytes.
+        with open(path, "rb") as file:
+            data = file.read()
+        size = len(data)
+        with io.BytesIO(data) as f:
+            # Every pickle, the small header ones too, goes through the restricted unpickler.
+            magic = _RestrictedUnpickler(f, path, legacy=True).load()
             if magic != _LEGACY_MAGIC:
                 raise WeightFileError(f"{path}: a pickle, but not a torch.save file")
-            version = pickle.load(f)
+            version = _RestrictedUnpickler(f, path, legacy=True).load()
             if version != _LEGACY_PROTOCOL_VERSION:
                 raise WeightFileError(f"{path}: unsupported torch legacy version {version}")
-            sys_info = pickle.load(f)
+            sys_info = _RestrictedUnpickler(f, path, legacy=True).load()
             if not sys_info.get("little_endian", True):
                 raise WeightFileError(f"{path}: big-endian legacy torch files are not supported")
             unpickler = _RestrictedUnpickler(f, path, legacy=True)
             obj = unpickler.load()
-            keys = pickle.load(f)
+            keys = _RestrictedUnpickler(f, path, legacy=True).load()
             buffers = {}
             for key in keys:
                 ref = unpickler.storages[key]
                 (numel,) = struct.unpack("<q", f.read(8))
-                raw = f.read(numel * ref.dtype.itemsize)
-                if len(raw) != numel * ref.dtype.itemsize:
+                # Check the count before reading, so a corrupt one cannot ask for terabytes.
+                if not ref.numel <= numel <= (size - f.tell()) // ref.dtype.itemsize:
                     raise WeightFileError(f"{path}: truncated (storage {key} is incomplete)")
-                buffers[key] = np.frombuffer(raw, ref.dtype)
-    except (EOFError, pickle.UnpicklingError, struct.error, KeyError, AttributeError) as err:
+                buffers[key] = np.frombuffer(f.read(numel * ref.dtype.itemsize), ref.dtype)
+            return _flatten_tensors(obj, buffers, path)
+    except WeightFileError:
+        raise
+    except (EOFError, pickle.UnpicklingError, struct.error, *_MALFORMED) as err:
         raise WeightFileError(f"{path}: truncated or corrupt legacy torch file ({err!r})") from err
-    return _flatten_tensors(obj, buffers, path)
 
 
 def load_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -320,6 +351,8 @@ def load_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
         header = json.loads(data[8 : 8 + header_len])
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise WeightFileError(f"{path}: corrupt safetensors header ({err})") from err
+    if not isinstance(header, dict):
+        raise WeightFileError(f"{path}: corrupt safetensors header (not a JSON object)")
     buffer = memoryview(data)[8 + header_len :]
     out = {}
     for name, info in header.items():
@@ -590,7 +623,7 @@ def save_safetensors(
         header["__metadata__"] = dict(metadata)
     chunks, offset = [], 0
     for name in sorted(state_dict):
-        array = np.ascontiguousarray(state_dict[name])
+        array = np.asarray(state_dict[name], order="C")  # (ascontiguousarray makes 0-d 1-d)
         array = array.astype(array.dtype.newbyteorder("<"), copy=False)
         raw = array.tobytes()
         dtype = _SAFETENSORS_NAMES[array.dtype.newbyteorder("=")]
