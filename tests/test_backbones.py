@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ustad.models import efficientnet_lite, pretrained, resnet, torch_io
+from ustad.models import convert, efficientnet_lite, pretrained, resnet, torch_io, torch_save
 
 # ------------------------------------------------------------------------------------------------
 # torchvision's resnet18 state dict, spelled out independently of ustad's converter.
@@ -130,7 +130,7 @@ def resnet_state():
 def test_resnet18_matches_numpy_reference(tmp_path, resnet_state):
     assert len(resnet_state) == 122
     path = tmp_path / "resnet18.pth"
-    torch_io.save_torch(resnet_state, path)
+    torch_save.save_torch(resnet_state, path)
     backbone = pretrained.load_pretrained("resnet18", weights_path=path)
     # 61×64: odd sizes, and layer4 sees a 2×2 map (Conv's small-map path).
     images = np.random.default_rng(1).uniform(size=(2, 61, 64, 3)).astype(np.float32)
@@ -147,8 +147,8 @@ def test_resnet18_matches_numpy_reference(tmp_path, resnet_state):
 
 
 def test_resnet18_safetensors_and_torch_files_load_alike(tmp_path, resnet_state):
-    torch_io.save_torch(resnet_state, tmp_path / "r.pth")
-    torch_io.save_safetensors(resnet_state, tmp_path / "r.safetensors")
+    torch_save.save_torch(resnet_state, tmp_path / "r.pth")
+    torch_save.save_safetensors(resnet_state, tmp_path / "r.safetensors")
     from_pth = resnet.load_resnet18(tmp_path / "r.pth")[1]
     from_safetensors = resnet.load_resnet18(tmp_path / "r.safetensors")[1]
     assert jax.tree.structure(from_pth) == jax.tree.structure(from_safetensors)
@@ -162,7 +162,7 @@ def test_resnet18_safetensors_and_torch_files_load_alike(tmp_path, resnet_state)
 
 def test_resnet18_features_fn_is_frozen_and_resizes(tmp_path, resnet_state):
     path = tmp_path / "resnet18.safetensors"
-    torch_io.save_safetensors(resnet_state, path)
+    torch_save.save_safetensors(resnet_state, path)
     backbone = pretrained.load_pretrained("resnet18", weights_path=path, input_size=64)
     patches = jnp.asarray(np.random.default_rng(2).uniform(size=(3, 33, 33, 3)), jnp.float32)
     resized = jax.image.resize(patches, (3, 64, 64, 3), "linear", antialias=True)
@@ -180,8 +180,8 @@ def test_resnet18_mismatch_lists_every_problem(tmp_path, resnet_state):
     state["layer2.0.downsample.0.weight"] = np.zeros((128, 64, 3, 3), np.float32)
     del state["bn1.num_batches_tracked"]  # optional: old torchvision files lack these
     path = tmp_path / "bad.pth"
-    torch_io.save_torch(state, path)
-    with pytest.raises(torch_io.StateDictMismatchError) as info:
+    torch_save.save_torch(state, path)
+    with pytest.raises(convert.StateDictMismatchError) as info:
         pretrained.load_pretrained("resnet18", weights_path=path)
     message = str(info.value)
     assert str(path) in message
@@ -213,7 +213,7 @@ def test_wrong_file_type_names_the_path(tmp_path):
 
 def _hashed_weights(tmp_path, state):
     source = tmp_path / "source.pth"
-    torch_io.save_torch(state, source)
+    torch_save.save_torch(state, source)
     digest = hashlib.sha256(source.read_bytes()).hexdigest()
     named = tmp_path / "remote" / f"resnet18-{digest[:8]}.pth"
     named.parent.mkdir()
@@ -311,7 +311,7 @@ def test_efficientnet_lite0_mismatch_and_odd_sizes(tmp_path, lite0):
     state = torch_io.load_state_dict(efficientnet_lite.package_weights_path())
     del state["_fc.bias"]
     state["_blocks.3._depthwise_conv.weight"] = state["_blocks.2._depthwise_conv.weight"]
-    with pytest.raises(torch_io.StateDictMismatchError) as info:
+    with pytest.raises(convert.StateDictMismatchError) as info:
         efficientnet_lite.convert_efficientnet_lite0(state)
     assert info.value.missing == ["_fc.bias"]
     assert info.value.mismatched == {

@@ -1,15 +1,16 @@
-"""ustad.evaluate on tiny generated arrays: files exist, parse back and match ustad.metrics."""
+"""ustad.evaluate and ustad.figures on tiny arrays: files exist, parse back, match ustad.metrics."""
 
 from __future__ import annotations
 
 import csv
 import json
+import os
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from ustad import evaluate, metrics
+from ustad import evaluate, figures, metrics
 
 
 def _category(seed: int = 0, n: int = 8, size: int = 24):
@@ -144,14 +145,20 @@ def test_one_class_table(tmp_path):
 def test_select_examples():
     types = ["good", "good", "good", "crack", "crack"]
     scores = [0.1, 0.9, 0.5, 0.2, 0.8]
-    assert evaluate.select_examples(types, scores, how="first") == [0, 3]
-    assert evaluate.select_examples(types, scores, how="extremes") == [0, 1, 3, 4]
-    assert evaluate.select_examples(types, scores, per_type=2, how="first") == [0, 1, 3, 4]
+    assert figures.select_examples(types, scores, how="first") == [0, 3]
+    assert figures.select_examples(types, scores, how="extremes") == [0, 1, 3, 4]
+    assert figures.select_examples(types, scores, per_type=2, how="first") == [0, 1, 3, 4]
+
+
+def test_figures_stay_importable_from_evaluate():
+    assert evaluate.plot_curves is figures.plot_curves
+    assert evaluate.select_examples is figures.select_examples
+    assert evaluate.write_examples is figures.write_examples
 
 
 def test_plot_curves_thins_long_curves(tmp_path):
     x = np.sort(np.random.default_rng(0).random(50_000))
-    path = evaluate.plot_curves({"long": (x, np.sqrt(x))}, tmp_path / "c.png", kind="pro")
+    path = figures.plot_curves({"long": (x, np.sqrt(x))}, tmp_path / "c.png", kind="pro")
     _assert_png(path)
 
 
@@ -179,7 +186,7 @@ def test_bad_inputs(tmp_path):
         )
     assert not any(tmp_path.iterdir())  # checked before anything was written
     with pytest.raises(ValueError, match="indices must lie in"):
-        evaluate.write_examples(images, masks, score_maps["p65"], tmp_path, [len(masks)])
+        figures.write_examples(images, masks, score_maps["p65"], tmp_path, [len(masks)])
 
 
 def test_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
@@ -189,7 +196,7 @@ def test_failed_write_leaves_no_partial_file(tmp_path, monkeypatch):
     def broken_replace(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(evaluate.os, "replace", broken_replace)
+    monkeypatch.setattr(os, "replace", broken_replace)
     with pytest.raises(OSError, match="disk full"):
         evaluate.write_metrics_table(
             {"c": {"p65": {"image_auroc": 1.0, "pixel_auroc": 1.0, "au_pro": 1.0}}}, tmp_path

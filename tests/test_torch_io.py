@@ -1,4 +1,4 @@
-"""Weight-file readers and writers: torch zip, torch legacy and safetensors, without torch."""
+"""Weight files without torch: readers, writers (torch zip, legacy, safetensors) and converters."""
 
 import pickle
 import struct
@@ -8,7 +8,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from ustad.models import torch_io
+from ustad.models import convert, torch_io, torch_save
 
 
 def _mixed_state_dict():
@@ -37,7 +37,7 @@ def _assert_same(loaded, expected):
 def test_torch_round_trip_all_dtypes(tmp_path, legacy):
     state = _mixed_state_dict()
     path = tmp_path / "weights.pth"
-    torch_io.save_torch(state, path, legacy=legacy)
+    torch_save.save_torch(state, path, legacy=legacy)
     assert torch_io.detect_format(path) == ("torch_legacy" if legacy else "torch_zip")
     _assert_same(torch_io.load_state_dict(path), state)
 
@@ -45,7 +45,7 @@ def test_torch_round_trip_all_dtypes(tmp_path, legacy):
 def test_safetensors_round_trip_all_dtypes(tmp_path):
     state = _mixed_state_dict()
     path = tmp_path / "weights.safetensors"
-    torch_io.save_safetensors(state, path, metadata={"format": "pt"})
+    torch_save.save_safetensors(state, path, metadata={"format": "pt"})
     assert torch_io.detect_format(path) == "safetensors"
     loaded = torch_io.load_state_dict(path)
     # safetensors stores keys sorted.
@@ -73,7 +73,7 @@ def test_views_share_storage_with_offsets_and_strides(tmp_path, legacy):
     base = np.arange(24, dtype=np.float32).reshape(4, 6)
     state = {"base": base, "transposed": base.T, "window": base[1:, 2:5], "every_other": base[::2]}
     path = tmp_path / "views.pth"
-    torch_io.save_torch(state, path, legacy=legacy)
+    torch_save.save_torch(state, path, legacy=legacy)
     loaded = torch_io.load_torch(path)
     for key, value in state.items():
         np.testing.assert_array_equal(loaded[key], value, err_msg=key)
@@ -88,7 +88,7 @@ def test_views_share_storage_with_offsets_and_strides(tmp_path, legacy):
 
 def test_zip_layout_matches_torch(tmp_path):
     path = tmp_path / "w.pth"
-    torch_io.save_torch({"a": np.ones(3, np.float32), "b": np.ones(5, np.int64)}, path)
+    torch_save.save_torch({"a": np.ones(3, np.float32), "b": np.ones(5, np.int64)}, path)
     with zipfile.ZipFile(path) as archive:
         names = archive.namelist()
         assert names == [
@@ -111,7 +111,7 @@ def test_zip_layout_matches_torch(tmp_path):
 def test_zip_other_root_folder(tmp_path):
     # Older torch versions used the file's stem as the archive's root folder.
     path = tmp_path / "resnet18-f37072fd.pth"
-    torch_io.save_torch({"w": np.ones(2, np.float32)}, str(path), root="resnet18-f37072fd")
+    torch_save.save_torch({"w": np.ones(2, np.float32)}, str(path), root="resnet18-f37072fd")
     assert torch_io.load_torch(str(path))["w"].tolist() == [1.0, 1.0]
 
 
@@ -124,7 +124,7 @@ def _rewrite_zip(src, dst, replace):
 def test_big_endian_zip(tmp_path):
     value = np.arange(5, dtype=np.float32)
     little = tmp_path / "little.pth"
-    torch_io.save_torch({"x": value}, little)
+    torch_save.save_torch({"x": value}, little)
     big = tmp_path / "big.pth"
     replace = {"archive/byteorder": b"big", "archive/data/0": value.astype(">f4").tobytes()}
     _rewrite_zip(little, big, replace)
@@ -136,7 +136,7 @@ def test_big_endian_zip(tmp_path):
 def test_nested_checkpoint_is_flattened(tmp_path):
     # {"state_dict": {...}, "epoch": 3}, pickled as torch does (the tensor part by save_torch).
     inner = tmp_path / "inner.pth"
-    torch_io.save_torch({"a": np.ones(2, np.float32)}, inner)
+    torch_save.save_torch({"a": np.ones(2, np.float32)}, inner)
     with zipfile.ZipFile(inner) as archive:
         inner_pickle = archive.read("archive/data.pkl")
     # Wrap the ordered dict in {"state_dict": <it>, "epoch": 3}: strip PROTO/STOP and splice.
@@ -149,7 +149,7 @@ def test_nested_checkpoint_is_flattened(tmp_path):
 
 def test_refuses_arbitrary_globals(tmp_path):
     path = tmp_path / "evil.pth"
-    torch_io.save_torch({"a": np.ones(1, np.float32)}, path)
+    torch_save.save_torch({"a": np.ones(1, np.float32)}, path)
     evil = pickle.dumps(print, protocol=2)  # any global outside the allow-list
     _rewrite_zip(path, path.with_suffix(".bad"), {"archive/data.pkl": evil})
     with pytest.raises(torch_io.WeightFileError, match=r"evil.bad: refusing to unpickle .*print"):
@@ -161,9 +161,9 @@ def test_truncated_files_name_the_path(tmp_path, kind):
     state = {"w": np.arange(1000, dtype=np.float32)}
     path = tmp_path / f"weights.{kind}"
     if kind == "safetensors":
-        torch_io.save_safetensors(state, path)
+        torch_save.save_safetensors(state, path)
     else:
-        torch_io.save_torch(state, path, legacy=kind == "legacy")
+        torch_save.save_torch(state, path, legacy=kind == "legacy")
     raw = path.read_bytes()
     for cut in (len(raw) - 100, len(raw) // 2):
         path.write_bytes(raw[:cut])
@@ -182,7 +182,7 @@ def test_unknown_format_names_the_path(tmp_path):
         torch_io.load_state_dict(not_torch)
     with pytest.raises(torch_io.WeightFileError, match="not a torch.save file"):
         safetensors = tmp_path / "w.safetensors"
-        torch_io.save_safetensors({"a": np.ones(1, np.float32)}, safetensors)
+        torch_save.save_safetensors({"a": np.ones(1, np.float32)}, safetensors)
         torch_io.load_torch(safetensors)
 
 
@@ -198,8 +198,8 @@ def test_reads_efficientnet_lite0_package_file(tmp_path):
     assert state["_bn0.num_batches_tracked"].dtype == np.int64
     # Re-saved in the other two formats, it reads back bit for bit.
     for name, save in (
-        ("a.pth", torch_io.save_torch),
-        ("a.safetensors", torch_io.save_safetensors),
+        ("a.pth", torch_save.save_torch),
+        ("a.safetensors", torch_save.save_safetensors),
     ):
         save(state, tmp_path / name)
         again = torch_io.load_state_dict(tmp_path / name)
@@ -210,16 +210,16 @@ def test_reads_efficientnet_lite0_package_file(tmp_path):
 
 def test_assign_state_dict_lists_every_problem():
     template = {"params": {"dense": {"kernel": np.zeros((3, 2)), "bias": np.zeros(2)}}}
-    rules = torch_io.rules_from_template(template, lambda path: ".".join(path))
+    rules = convert.rules_from_template(template, lambda path: ".".join(path))
     assert set(rules) == {"dense.weight", "dense.bias"}
     good = {"dense.weight": np.ones((2, 3)), "dense.bias": np.ones(2), "x.num_batches_tracked": 0}
-    variables = torch_io.assign_state_dict(
+    variables = convert.assign_state_dict(
         good, rules, template, optional=lambda key: key.endswith("num_batches_tracked")
     )
     assert variables["params"]["dense"]["kernel"].shape == (3, 2)
     bad = {"dense.weight": np.ones((3, 3)), "extra": np.ones(1)}
-    with pytest.raises(torch_io.StateDictMismatchError) as info:
-        torch_io.assign_state_dict(bad, rules, template, source="bad.pth")
+    with pytest.raises(convert.StateDictMismatchError) as info:
+        convert.assign_state_dict(bad, rules, template, source="bad.pth")
     message = str(info.value)
     assert "bad.pth" in message
     assert "missing keys (1): dense.bias" in message
@@ -240,7 +240,7 @@ def test_corrupt_bytes_never_escape_as_other_errors(tmp_path, legacy):
     # anything else (no MemoryError from a corrupt element count, no zipfile internals).
     path = tmp_path / "w.pth"
     state = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "n": np.array(3, np.int64)}
-    torch_io.save_torch(state, path, legacy=legacy)
+    torch_save.save_torch(state, path, legacy=legacy)
     raw = path.read_bytes()
     corrupt = tmp_path / "corrupt.pth"
     for position in range(len(raw)):

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ustad.models import torch_io
+from ustad.models import convert, torch_io
 
 __all__ = [
     "LITE0_STAGES",
@@ -209,14 +209,14 @@ def convert_efficientnet_lite0(
         ``{"params": ..., "batch_stats": ...}`` of float32 jax arrays.
 
     Raises:
-        torch_io.StateDictMismatchError: listing every missing, unexpected and mis-shaped key.
+        convert.StateDictMismatchError: listing every missing, unexpected and mis-shaped key.
     """
     module = EfficientNetLite0(num_classes=num_classes)
     template = jax.eval_shape(
         module.init, jax.random.key(0), jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
     )
-    rules = torch_io.rules_from_template(template, _torch_module)
-    variables = torch_io.assign_state_dict(
+    rules = convert.rules_from_template(template, _torch_module)
+    variables = convert.assign_state_dict(
         state_dict,
         rules,
         template,
@@ -251,7 +251,7 @@ def load_efficientnet_lite0(
 
     Raises:
         torch_io.WeightFileError: the file is not a readable weight file.
-        torch_io.StateDictMismatchError: its keys or shapes are not EfficientNet-Lite0's.
+        convert.StateDictMismatchError: its keys or shapes are not EfficientNet-Lite0's.
     """
     path = os.fspath(path) if path is not None else package_weights_path()
     variables = convert_efficientnet_lite0(torch_io.load_state_dict(path), source=path)

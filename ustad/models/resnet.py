@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ustad.models import torch_io
+from ustad.models import convert, torch_io
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -190,14 +190,14 @@ def convert_torchvision_resnet18(
         ``{"params": ..., "batch_stats": ...}`` of float32 jax arrays (kernels HWIO).
 
     Raises:
-        torch_io.StateDictMismatchError: listing every missing, unexpected and mis-shaped key.
+        convert.StateDictMismatchError: listing every missing, unexpected and mis-shaped key.
     """
     module = ResNet18(num_classes=num_classes)
     template = jax.eval_shape(
         module.init, jax.random.key(0), jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
     )
-    rules = torch_io.rules_from_template(template, _torch_module)
-    variables = torch_io.assign_state_dict(
+    rules = convert.rules_from_template(template, _torch_module)
+    variables = convert.assign_state_dict(
         state_dict,
         rules,
         template,
@@ -219,7 +219,7 @@ def load_resnet18(path: str | os.PathLike, *, num_classes: int = 1000) -> tuple[
 
     Raises:
         torch_io.WeightFileError: the file is not a readable weight file.
-        torch_io.StateDictMismatchError: its keys or shapes are not ResNet-18's.
+        convert.StateDictMismatchError: its keys or shapes are not ResNet-18's.
     """
     state_dict = torch_io.load_state_dict(path)
     variables = convert_torchvision_resnet18(
