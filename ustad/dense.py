@@ -43,7 +43,9 @@ def check_dense_inputs(module: PatchNet, variables, images_shape, *, patch_size,
             f"patch_size={patch_size} but the module's receptive field is {module.patch_size}"
         )
     if padding not in PADDING_MODES:
-        raise ValueError(f"padding must be one of {PADDING_MODES} (numpy.pad modes), got {padding!r}")
+        raise ValueError(
+            f"padding must be one of {PADDING_MODES} (numpy.pad modes), got {padding!r}"
+        )
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if len(images_shape) != 4:

@@ -1,0 +1,167 @@
+"""One training step of M students: batched together vs one after another (paper §4).
+
+One JSON line per (p, image size, compute dtype, member strategy): the median time of one jitted
+step that updates all M students (cached teacher targets; members batched by ``jax.vmap`` or run
+one after another inside the same program), the time of M jitted single-student steps called one
+after another in the same process (also cached targets), their ratio, images per second,
+achieved GFLOP/s (convolution FLOPs counted analytically, and XLA's own count of the compiled
+step), XLA's memory estimate and the process's peak RSS, and the teacher's dense inference time
+per image. The load average is recorded: on a shared machine it explains a lot.
+
+    python -m benchmarks.student_step --patch_sizes=65 --sizes=128 --num_students=3
+    python -m benchmarks.student_step --dtypes=float32,bfloat16 --sizes=128,256
+
+Reference (PyTorch re-implementation, 2-core CPU, batch 1, p=65, students one after another with
+the teacher recomputed every step): one student step 2.2 s at 128², 11.7 s at 256²; teacher dense
+inference 0.56 s / 2.2 s.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+
+# Importing ustad sets the fast CPU flag (unless USTAD_FAST_CPU=0); no backend starts before.
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+
+from benchmarks.common import compiled_stats, device_name, emit, time_fn
+from ustad.dense import dense_apply
+from ustad.ensemble import member
+from ustad.models.patch_net import Conv, patch_net
+from ustad.train.students import init_students, make_optimizer, make_train_step, student_step
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("patch_sizes", ["65"], "receptive fields p")
+flags.DEFINE_list("sizes", ["128"], "square image sizes")
+flags.DEFINE_list("dtypes", ["float32"], "student compute dtypes (float32, bfloat16)")
+flags.DEFINE_integer("num_students", 3, "M")
+flags.DEFINE_integer("batch", 1, "images per step")
+flags.DEFINE_integer("repeats", 3, "timed repeats (median reported)")
+flags.DEFINE_float("budget_s", 60.0, "stop repeating a measurement after this long")
+flags.DEFINE_list("strategies", ["vmap", "sequential"], "member strategies of the step")
+flags.DEFINE_bool("sequential", True, "also time M single-student steps one after another")
+
+
+def dense_conv_flops(network, height: int, width: int) -> tuple[float, float]:
+    """Forward FLOPs of multi-pooling dense extraction of one image, and those of the first conv.
+
+    Follows ``ustad.dense`` exactly: the image padded by (p−1)/2, every s×s pooling multiplying
+    the stacked batch by s² and taking ``(S − s + 1) // s`` outputs. 2 FLOPs per MAC.
+    """
+    rows, cols = height + network.patch_size - 1, width + network.patch_size - 1
+    stacked, channels, total, first = 1, None, 0.0, None
+    convs = [layer for layer in network.layers if isinstance(layer, Conv)]
+    for layer in network.layers:
+        if isinstance(layer, Conv):
+            features = network.out_dim if layer is convs[-1] else layer.features
+            rows, cols = rows - layer.kernel + 1, cols - layer.kernel + 1
+            cin = channels or 3
+            flops = 2.0 * layer.kernel**2 * cin * features * rows * cols * stacked
+            first = flops if first is None else first
+            total += flops
+            channels = features
+        else:
+            rows, cols = (
+                (rows - layer.size + 1) // layer.size,
+                (cols - layer.size + 1) // layer.size,
+            )
+            stacked *= layer.size**2
+    return total, first
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def measure(student, tx, key, images, targets, num_students: int, strategy: str) -> dict:
+    """Median seconds of the ensemble step (cached targets), with XLA's FLOPs and memory."""
+    state = init_students(student, tx, key, num_students, images.shape[-1])
+    step = make_train_step(student, tx, member_strategy=strategy)
+    result = compiled_stats(step, state, images, targets)
+    holder = {"state": state}
+
+    def ensemble_step():
+        holder["state"], losses = step(holder["state"], images, targets)
+        return losses
+
+    result["step_s"] = time_fn(ensemble_step, repeats=FLAGS.repeats, budget_s=FLAGS.budget_s)
+    return result
+
+
+def measure_sequential(student, tx, key, images, targets, num_students: int) -> float:
+    """Median seconds of M jitted single-student steps called one after another."""
+    state = init_students(student, tx, key, num_students, images.shape[-1])
+    single = jax.jit(
+        lambda p, o, x, t: student_step(student, tx, p, o, x, t), donate_argnums=(0, 1)
+    )
+    members = [
+        [member(state["params"], i), member(state["opt_state"], i)] for i in range(num_students)
+    ]
+
+    def one_after_another():
+        for m in members:
+            m[0], m[1], loss = single(m[0], m[1], images, targets)
+        return loss
+
+    return time_fn(one_after_another, repeats=FLAGS.repeats, budget_s=FLAGS.budget_s)
+
+
+def main(argv):
+    del argv
+    device = device_name()
+    key = jax.random.key(0, impl="rbg")  # threefry's bits compile slowly on CPU; irrelevant here
+    num_students, batch = FLAGS.num_students, FLAGS.batch
+    tx = make_optimizer(1e-4, 1e-5)
+    for p in map(int, FLAGS.patch_sizes):
+        teacher = patch_net(p)
+        teacher_vars = jax.jit(teacher.init)(key, jnp.zeros((1, p, p, 3)))
+        teacher_fn = jax.jit(lambda v, x, t=teacher: dense_apply(t, v, x))
+        for size in map(int, FLAGS.sizes):
+            images = jax.random.uniform(jax.random.fold_in(key, size), (batch, size, size, 3))
+            teacher_s = time_fn(
+                teacher_fn, teacher_vars, images, repeats=FLAGS.repeats, budget_s=FLAGS.budget_s
+            )
+            targets = teacher_fn(teacher_vars, images)  # cached targets (normalisation omitted)
+            forward, first = dense_conv_flops(teacher, size, size)
+            # Backward: data and weight gradients for every conv but the first (no data grad).
+            step_flops = num_students * batch * (3 * forward - first)
+            for dtype in FLAGS.dtypes:
+                student = teacher.clone(dtype=jnp.dtype(dtype))
+                init_key = jax.random.fold_in(key, 1)
+                sequential_s = None
+                if FLAGS.sequential:
+                    sequential_s = measure_sequential(
+                        student, tx, init_key, images, targets, num_students
+                    )
+                for strategy in FLAGS.strategies:
+                    result = measure(student, tx, init_key, images, targets, num_students, strategy)
+                    step_s = result["step_s"]
+                    record = {
+                        "benchmark": "student_step",
+                        "device": device,
+                        "load_avg_1min": round(os.getloadavg()[0], 2),
+                        "p": p,
+                        "image_size": size,
+                        "num_students": num_students,
+                        "batch": batch,
+                        "dtype": dtype,
+                        "member_strategy": strategy,
+                        "step_ms": round(step_s * 1e3, 1),
+                        "img_per_s": round(batch / step_s, 3),
+                        "gflop_per_step": round(step_flops / 1e9, 1),
+                        "gflop_per_s": round(step_flops / step_s / 1e9, 1),
+                        "xla_gflop_per_step": result["flops"] and round(result["flops"] / 1e9, 1),
+                        "xla_memory_mb": result["temp_mb"],
+                        "teacher_ms_per_image": round(teacher_s / batch * 1e3, 1),
+                    }
+                    if sequential_s is not None:
+                        record["sequential_ms"] = round(sequential_s * 1e3, 1)
+                        record["sequential_over_step"] = round(sequential_s / step_s, 3)
+                    record["peak_rss_mb"] = round(peak_rss_mb(), 1)
+                    emit(record)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,108 @@
+"""Student training configs (paper §4): ``get_config("p17" | "p33" | "p65" | "multiscale" |
+"smoke")``.
+
+Run from the repository root::
+
+    python scripts/train_students.py --config configs/students.py:p65 --workdir runs/students_p65
+    python scripts/score.py --workdirs runs/students_p65 \\
+        --images 'data/mvtec_ad/bottle/test/*/*.png' --out runs/students_p65/maps
+
+Each ``--config.<field>=<value>`` overrides a field, e.g. ``--config.category=carpet``.
+
+Runtimes are for MVTec AD "bottle" (209 train/good images, 188 trained after the validation
+hold-out), 100 epochs, batch 1, M = 3, measured per step with benchmarks/student_step.py:
+
+* 2-core CPU (Xeon, AVX-512), p=65 at 128²: ~5.5 s per step (3 students) when the machine is
+  shared; at 256² about 4× that, i.e. ~4 days for 100 epochs: train on a GPU.
+* One H100: minutes per scale (the step is ~1 TFLOP at 256² for p=65).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+PATCH_SIZES = {"p17": (17,), "p33": (33,), "p65": (65,), "multiscale": (17, 33, 65)}
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """The paper's settings; every other config starts from these."""
+    config = ml_collections.ConfigDict()
+    # Data: an MVTec-AD-layout category; train/good is split into training and validation.
+    config.data_dir = "data/mvtec_ad"
+    config.category = "bottle"
+    config.image_size = 256
+    config.grayscale = False
+    config.val_fraction = 0.1  # paper: "a validation set"; its size is unstated
+    config.synthetic_data = False  # write a synthetic category into data_dir first (smoke)
+
+    # Networks. "{p}" is replaced by the patch size; "random" = untrained teacher (smoke only).
+    config.patch_sizes = (65,)
+    config.teacher_workdir = "runs/teacher_p{p}"
+    config.teacher_widths = None  # only for a random teacher: None = paper widths
+    config.out_dim = 128  # only for a random teacher; a loaded teacher brings its own
+    config.num_students = 3  # M
+
+    # Optimisation (paper §4): Adam 1e-4, weight decay 1e-5 (L2, as PyTorch), batch 1.
+    config.epochs = 100
+    config.batch_size = 1
+    config.learning_rate = 1e-4
+    config.weight_decay = 1e-5
+    config.compute_dtype = "float32"  # "bfloat16": students in bf16, params/loss in float32
+    config.padding = "reflect"  # how images are padded by (p-1)/2 for dense extraction
+    # How the M students are run in the step: "vmap" (batched) or "sequential" (one after another
+    # in one program); "auto" = sequential on CPU (measured faster), vmap on accelerators.
+    config.member_strategy = "auto"
+    config.seed = 0
+    config.prng_impl = "threefry2x32"  # "rbg": faster to compile on CPU, sharding-dependent
+
+    # Teacher targets: "auto" caches them in float32 if they fit in the budget, else float16,
+    # else runs the teacher in every step ("none"). Budget 0 = half the available host memory.
+    config.target_cache = "auto"
+    config.target_cache_max_gb = 0.0
+    config.stats_batch_size = 4  # images per teacher call (statistics, cache)
+    config.eval_batch_size = 4  # images per call for the score normalisation
+
+    # Devices: a ("data", "ensemble") mesh over num_devices (0 = all) devices.
+    config.num_devices = 0
+    config.ensemble_axis_size = 1  # > 1 splits the M students over that many devices
+
+    # Bookkeeping.
+    config.checkpoint_every_steps = 0  # 0 = at the end of every epoch
+    config.keep_checkpoints = 2
+    config.log_every_steps = 50
+    return config
+
+
+def get_config(arg: str = "p65") -> ml_collections.ConfigDict:
+    """Configs by name.
+
+    * ``p17``, ``p33``, ``p65``: one receptive field, the paper's settings. Command:
+      ``python scripts/train_students.py --config configs/students.py:p65 --workdir
+      runs/students_p65`` (teacher expected in ``runs/teacher_p65``). Runtime: see the module
+      docstring (days on 2 CPU cores at 256², minutes on one H100).
+    * ``multiscale``: all three in one run, each into ``<workdir>/p17``, ``p33``, ``p65``;
+      ``scripts/score.py --workdirs <workdir>`` averages them. About 2.5× the p65 runtime.
+    * ``smoke``: tiny random teacher, 32² synthetic images written to ``/tmp`` on the fly, 2
+      epochs: ``python scripts/train_students.py --config configs/students.py:smoke --workdir
+      /tmp/ustad_smoke`` runs end to end in about a minute on CPU (no data, no teacher needed).
+    """
+    config = base_config()
+    if arg in PATCH_SIZES:
+        config.patch_sizes = PATCH_SIZES[arg]
+        return config
+    if arg == "smoke":
+        config.data_dir = "/tmp/ustad_smoke_data"
+        config.category = "synthetic"
+        config.synthetic_data = True
+        config.image_size = 32
+        config.patch_sizes = (17,)
+        config.teacher_workdir = "random"
+        config.teacher_widths = 1 / 16
+        config.out_dim = 8
+        config.epochs = 2
+        config.batch_size = 2
+        config.num_devices = 1
+        config.val_fraction = 0.25
+        config.log_every_steps = 2
+        return config
+    raise ValueError(f"unknown config {arg!r}; choose p17, p33, p65, multiscale or smoke")

@@ -1,0 +1,583 @@
+"""Teacher pretraining (paper §3): distil a pretrained network P into the patch network T̂.
+
+For a batch of random p×p patches (see :mod:`ustad.train.patches`) the loss is::
+
+    L = λ_k ||D(T̂(p)) − P(p)||²                                  (distillation, D: Dense d→F)
+      + λ_m max(0, δ + δ⁺ − δ⁻)                                  (triplets with p⁺ and p⁻)
+      + λ_c Σ_{i≠j} c_ij                                          (compactness on T̂(p))
+
+with the paper's λ_k = λ_c = 1, λ_m = 0 by default. P is frozen: its variables are an argument
+of the step, outside the optimizer, and its features pass through ``stop_gradient``. One jitted
+step (state donated) draws the positives, runs P, T̂ and D, and applies Adam.
+
+Workdir layout::
+
+    <workdir>/checkpoints/<step>/   T̂ and D parameters, optimizer state (arrays) + metadata
+                                    (architecture, channels, backbone, how patches reach P)
+    <workdir>/metrics.jsonl          loss terms and throughput
+
+:func:`load_teacher` rebuilds T̂ from the newest checkpoint for the students trainer.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from ustad.checkpointing import Checkpointer
+from ustad.losses import compactness_loss, distillation_loss, triplet_loss
+from ustad.metric_writer import MetricWriter, check_finite, progress
+from ustad.models.patch_net import LEAKY_SLOPE, Conv, PatchNet, Pool, patch_net
+from ustad.models.pretrained import Backbone
+from ustad.train import patches as patches_lib
+
+PyTree = Any
+logger = logging.getLogger(__name__)
+CHECKPOINT_SUBDIR = "checkpoints"
+FORMAT = "ustad.teacher/1"
+# Checkpoint fields a resumed run must share with the run that wrote them.
+_BIAS_PATCHES = 256  # patches whose mean P feature initialises D's bias
+_RESUME_FIELDS = ("patch_size", "out_dim", "layers", "channels", "backbone", "feature_dim")
+
+
+@functools.lru_cache(maxsize=16)
+def make_optimizer(learning_rate: float = 2e-4, weight_decay: float = 1e-5):
+    """Adam with L2 weight decay in the gradient, as the paper's PyTorch-style
+    ``Adam(lr, weight_decay=wd)``: ``wd · θ`` joins the gradient before the moment estimates
+    (not AdamW's decoupled decay). Applies to T̂ and D; P is never in the optimizer. Cached so
+    that equal arguments give the same object and the step compiles once."""
+    return optax.chain(optax.add_decayed_weights(weight_decay), optax.adam(learning_rate))
+
+
+@functools.lru_cache(maxsize=16)
+def make_init(teacher: PatchNet, decoder: nn.Dense, tx, channels: int):
+    """Jitted ``key -> {"params": {"teacher", "decoder"}, "opt_state"}`` (one program: op by
+    op, Flax's initialisers cost seconds of dispatch)."""
+    patch = jnp.zeros((1, teacher.patch_size, teacher.patch_size, channels), jnp.float32)
+
+    def init(key):
+        teacher_key, decoder_key = jax.random.split(key)
+        params = {
+            "teacher": teacher.init(teacher_key, patch),
+            "decoder": decoder.init(decoder_key, jnp.zeros((1, teacher.out_dim), jnp.float32)),
+        }
+        return {"params": params, "opt_state": tx.init(params)}
+
+    return jax.jit(init)
+
+
+def _max_pool(x: jax.Array, size: int) -> jax.Array:
+    """``nn.max_pool(x, (s, s), strides=(s, s))`` as a reshape and a max: the same values, but
+    its gradient is a compare-and-select instead of XLA's ``select_and_scatter``, which ran
+    4–20x slower on CPU for these shapes. (With exact ties the gradient is split between the
+    tied inputs rather than given to the first; both are valid subgradients.)"""
+    batch, height, width, channels = x.shape
+    out_h, out_w = height // size, width // size
+    x = x[:, : out_h * size, : out_w * size].reshape(batch, out_h, size, out_w, size, channels)
+    return jnp.max(x, axis=(2, 4))
+
+
+def _conv_as_matmul(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+    """A valid convolution as im2col and one matmul: ``[B, H, W, C]`` and ``[k, k, C, F]`` ->
+    ``[B, H − k + 1, W − k + 1, F]``."""
+    k = kernel.shape[0]
+    out_h, out_w = x.shape[1] - k + 1, x.shape[2] - k + 1
+    columns = jnp.concatenate(
+        [x[:, i : i + out_h, j : j + out_w] for i in range(k) for j in range(k)], axis=-1
+    )
+    return columns @ kernel.reshape(-1, kernel.shape[-1]).astype(x.dtype) + bias.astype(x.dtype)
+
+
+# Convolutions with outputs up to this side run as im2col matmuls in train_apply: XLA's CPU
+# convolution gradient was up to 23x slower there (p=17's third conv: 5.2 s vs 0.23 s for 64
+# patches); for larger outputs XLA's convolution was as fast or faster.
+_MATMUL_MAX_OUTPUT = 4
+
+
+def train_apply(module: PatchNet, variables: PyTree, patches: jax.Array) -> jax.Array:
+    """``module.apply(variables, patches)`` in patch mode, lowered for fast gradients on CPU.
+
+    The same function of the same parameters (equal to float rounding, see the tests); only the
+    operations differ: 2×2 pooling as reshape-and-max and the small-output convolutions as
+    im2col matmuls, where XLA's CPU gradients of ``reduce_window``/``conv`` are slow.
+
+    Args:
+      module: a :class:`PatchNet`.
+      variables: its ``{"params": ...}``.
+      patches: ``[N, p, p, C]``.
+
+    Returns:
+      ``[N, out_dim]``.
+    """
+    p = module.patch_size
+    if patches.shape[1:3] != (p, p):
+        raise ValueError(f"train_apply takes [N, {p}, {p}, C] patches, got {patches.shape}")
+    params = variables["params"]
+    x = patches.astype(module.dtype)
+    convs = [layer for layer in module.layers if isinstance(layer, Conv)]
+    index = 0
+    for layer in module.layers:
+        if isinstance(layer, Pool):
+            x = _max_pool(x, layer.size)
+            continue
+        conv = params[f"conv{index + 1}"]
+        if x.shape[1] - layer.kernel + 1 <= _MATMUL_MAX_OUTPUT:
+            x = _conv_as_matmul(x, conv["kernel"], conv["bias"])
+        else:
+            x = jax.lax.conv_general_dilated(
+                x,
+                conv["kernel"].astype(x.dtype),
+                (1, 1),
+                "VALID",
+                dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            ) + conv["bias"].astype(x.dtype)
+        if index < len(convs) - 1:
+            x = nn.leaky_relu(x, LEAKY_SLOPE)
+        index += 1
+    return x[:, 0, 0, :]
+
+
+def _backbone_inputs(anchors: jax.Array, channels: int, input_size: int | None) -> jax.Array:
+    """``[B, p, p, 3]`` RGB anchors -> what P sees: gray repeated to 3 channels when T̂ is a
+    1-channel teacher (so P describes exactly what T̂ sees), resized if ``input_size``."""
+    if channels == 1:
+        anchors = jnp.repeat(patches_lib.to_gray(anchors), 3, axis=-1)
+    if input_size:
+        shape = (anchors.shape[0], input_size, input_size, 3)
+        anchors = jax.image.resize(anchors, shape, method="linear", antialias=True)
+    return anchors
+
+
+@functools.lru_cache(maxsize=16)
+def make_train_step(
+    teacher: PatchNet,
+    decoder: nn.Dense,
+    features_fn: Callable[[PyTree, jax.Array], jax.Array],
+    tx,
+    *,
+    channels: int = 3,
+    backbone_input_size: int | None = None,
+    loss_weights: tuple[float, float, float] = (1.0, 0.0, 1.0),
+    margin: float = 1.0,
+    compactness_mode: str = "signed",
+    max_shift: float = 2.0,
+    zoom: float = 0.1,
+    noise_std: float = 0.02,
+    fast_apply: bool = True,
+):
+    """The jitted teacher step.
+
+    Cached: equal arguments give the same jitted function (compiled once per process).
+
+    Args:
+      teacher: T̂.
+      decoder: D, ``nn.Dense(F)``.
+      features_fn: P, pure ``(variables, images [N, H, W, 3] in [0, 1]) -> [N, F]``.
+      tx: the optimizer (:func:`make_optimizer`).
+      channels: 3, or 1 for a grayscale teacher (T̂ sees luma; P sees luma repeated).
+      backbone_input_size: resize patches to this side before P; ``None``: native p×p.
+      loss_weights: ``(λ_k, λ_m, λ_c)``; a zero weight skips its term's computation.
+      margin: triplet margin δ.
+      compactness_mode: see :func:`ustad.losses.compactness_loss`.
+      max_shift, zoom, noise_std: how positives are perturbed (:func:`patches.perturb`).
+      fast_apply: run T̂ through :func:`train_apply` (same function, faster CPU gradients)
+        instead of ``teacher.apply``.
+
+    Returns:
+      ``step(state, backbone_variables, contexts, key, step) -> (state, metrics)``. ``state``
+      as from :func:`make_init` (donated); ``contexts`` ``[B, c, c, 3]`` crops in [0, 1] whose
+      centres are the anchors, or ``[2B, c, c, 3]`` when λ_m > 0 (the second half gives the
+      negatives); ``key`` the run's typed key, folded with the int ``step`` for the positives;
+      ``metrics`` float32 scalars ``loss, distillation, triplet, compactness``.
+    """
+    weight_k, weight_m, weight_c = loss_weights
+    p = teacher.patch_size
+
+    apply = functools.partial(train_apply, teacher) if fast_apply else teacher.apply
+
+    def describe(params, images):
+        return apply(params, patches_lib.to_gray(images) if channels == 1 else images)
+
+    def loss_fn(params, backbone_variables, contexts, key):
+        batch = contexts.shape[0] // 2 if weight_m else contexts.shape[0]
+        anchors = patches_lib.center_crop(contexts[:batch], p)
+        if weight_m:
+            positives = patches_lib.perturb(
+                key, contexts[:batch], p, max_shift=max_shift, zoom=zoom, noise_std=noise_std
+            )
+            negatives = patches_lib.center_crop(contexts[batch:], p)
+            # One pass over 3B patches instead of three calls.
+            descriptors = describe(
+                params["teacher"], jnp.concatenate([anchors, positives, negatives])
+            )
+            anchor_desc, positive_desc, negative_desc = jnp.split(descriptors, 3)
+            triplet = triplet_loss(anchor_desc, positive_desc, negative_desc, margin)
+        else:
+            anchor_desc = describe(params["teacher"], anchors)
+            triplet = jnp.zeros((), jnp.float32)
+        if weight_k:
+            targets = jax.lax.stop_gradient(
+                features_fn(
+                    backbone_variables,
+                    _backbone_inputs(anchors, channels, backbone_input_size),
+                )
+            )
+            decoded = decoder.apply(params["decoder"], anchor_desc)
+            distillation = distillation_loss(decoded, targets)
+        else:
+            distillation = jnp.zeros((), jnp.float32)
+        if weight_c:
+            compactness = compactness_loss(anchor_desc, mode=compactness_mode)
+        else:
+            compactness = jnp.zeros((), jnp.float32)
+        loss = weight_k * distillation + weight_m * triplet + weight_c * compactness
+        metrics = {
+            "loss": loss,
+            "distillation": distillation,
+            "triplet": triplet,
+            "compactness": compactness,
+        }
+        return loss, metrics
+
+    def step(state, backbone_variables, contexts, key, step_index):
+        key = jax.random.fold_in(key, step_index)
+        grads, metrics = jax.grad(loss_fn, has_aux=True)(
+            state["params"], backbone_variables, contexts, key
+        )
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        return {"params": params, "opt_state": opt_state}, metrics
+
+    return jax.jit(step, donate_argnums=0)
+
+
+def mean_features(
+    features_fn: Callable[[PyTree, jax.Array], jax.Array],
+    backbone_variables: PyTree,
+    patches: np.ndarray,
+    *,
+    channels: int = 3,
+    backbone_input_size: int | None = None,
+    batch_size: int = 64,
+) -> jax.Array:
+    """P's mean feature over some patches, fed to P as in training.
+
+    Args:
+      features_fn: P.
+      backbone_variables: its variables.
+      patches: ``[N, p, p, 3]`` in [0, 1].
+      channels: the teacher's input channels (1: P sees gray patches).
+      backbone_input_size: as in :func:`make_train_step`.
+      batch_size: patches per call of P.
+
+    Returns:
+      ``[F]`` float32.
+    """
+    features = _features_fn(features_fn, channels, backbone_input_size)
+    total = sum(
+        jnp.sum(features(backbone_variables, patches[i : i + batch_size]), axis=0)
+        for i in range(0, len(patches), batch_size)
+    )
+    return total / len(patches)
+
+
+@functools.lru_cache(maxsize=16)
+def _features_fn(features_fn, channels, backbone_input_size):
+    return jax.jit(lambda v, x: features_fn(v, _backbone_inputs(x, channels, backbone_input_size)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint format.
+
+
+def layers_to_json(layers: Sequence[Conv | Pool]) -> list[list]:
+    """``[["conv", kernel, features] | ["pool", size], ...]`` (the students' format too)."""
+    return [
+        ["conv", layer.kernel, layer.features] if isinstance(layer, Conv) else ["pool", layer.size]
+        for layer in layers
+    ]
+
+
+def layers_from_json(rows: Sequence[Sequence]) -> tuple[Conv | Pool, ...]:
+    return tuple(Conv(int(r[1]), int(r[2])) if r[0] == "conv" else Pool(int(r[1])) for r in rows)
+
+
+def load_teacher(
+    workdir: str | os.PathLike, *, allow_unfinished: bool = False
+) -> tuple[PatchNet, PyTree, dict]:
+    """T̂ from the newest checkpoint of a teacher workdir.
+
+    Args:
+      workdir: the ``--workdir`` of :func:`train_and_evaluate`.
+      allow_unfinished: accept a run that stopped before its last step.
+
+    Returns:
+      ``(module, variables, metadata)``: ``module.apply(variables, patches [N, p, p, C])`` gives
+      ``[N, d]``; ``metadata`` has ``patch_size, out_dim, layers, channels, backbone,
+      backbone_input, step, total_steps, config`` and more.
+    """
+    directory = Path(workdir) / CHECKPOINT_SUBDIR
+    with Checkpointer(directory) as checkpointer:
+        restored = checkpointer.restore_latest()
+    if restored is None:
+        raise FileNotFoundError(
+            f"no teacher checkpoint in {directory}; train one with scripts/train_teacher.py"
+        )
+    step, state, meta = restored
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{directory} holds a {meta.get('format')!r} checkpoint, not {FORMAT}")
+    if step < meta["total_steps"] and not allow_unfinished:
+        raise ValueError(
+            f"the teacher in {workdir} stopped at step {step} of {meta['total_steps']}; resume "
+            f"its training or pass allow_unfinished=True"
+        )
+    module = PatchNet(
+        layers=layers_from_json(meta["layers"]),
+        patch_size=int(meta["patch_size"]),
+        out_dim=int(meta["out_dim"]),
+    )
+    variables = jax.tree.map(np.asarray, state["params"]["teacher"])
+    return module, variables, meta
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer.
+
+
+def _images_from_config(config) -> tuple[Sequence[np.ndarray], str]:
+    source = config.source
+    if source == "natural":
+        return patches_lib.natural_photos(), "natural photos (scikit-image, scikit-learn)"
+    if source == "folder":
+        return patches_lib.image_files(config.source_path), f"images {config.source_path}"
+    if source == "tfds":
+        images = patches_lib.tfds_images(
+            config.tfds_name,
+            split=config.tfds_split,
+            data_dir=config.tfds_data_dir or None,
+            download=config.tfds_download,
+        )
+        return images, f"tfds {config.tfds_name} {config.tfds_split}"
+    raise ValueError(f"config.source must be natural, folder or tfds, got {source!r}")
+
+
+def _backbone_from_config(config) -> Backbone:
+    from ustad.models.pretrained import load_pretrained
+
+    return load_pretrained(config.backbone, weights_path=config.backbone_weights or None)
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str | os.PathLike,
+    *,
+    images: Sequence[np.ndarray] | None = None,
+    backbone: Backbone | None = None,
+) -> tuple[PatchNet, PyTree, dict]:
+    """Pretrain (or resume) one teacher T̂ for ``config.patch_size``.
+
+    Args:
+      config: see ``configs/teacher.py``.
+      workdir: checkpoints and metrics; a run found there resumes from its newest checkpoint.
+      images: ``[H_i, W_i, C]`` images to crop patches from instead of ``config.source``.
+      backbone: P instead of ``load_pretrained(config.backbone)`` (e.g. a tiny network in
+        tests); its ``features_fn`` must be pure and jit-friendly.
+
+    Returns:
+      ``(module, variables, metadata)`` as :func:`load_teacher` gives.
+
+    Raises:
+      FloatingPointError: the loss became NaN or inf (the message names the step).
+    """
+    workdir = Path(workdir)
+    p = config.patch_size
+    channels = config.channels
+    if channels not in (1, 3):
+        raise ValueError(f"config.channels must be 1 or 3, got {channels}")
+    if images is None:
+        images, source_name = _images_from_config(config)
+    else:
+        source_name = f"{len(images)} in-memory images"
+    # An injected P is recorded under the config's name too: the name says which features the
+    # teacher learnt, which the caller knows best.
+    backbone_name = config.backbone
+    if backbone is None:
+        backbone = _backbone_from_config(config)
+    input_size = config.backbone_input_size or None
+    loss_weights = (config.lambda_k, config.lambda_m, config.lambda_c)
+    triplets = config.lambda_m != 0
+    margin = patches_lib.perturbation_margin(p, config.max_shift, config.zoom) if triplets else 0
+    crop_size = config.crop_size or p
+    total_steps = config.num_steps
+
+    teacher = patch_net(p, out_dim=config.out_dim, widths=config.widths)
+    decoder = nn.Dense(backbone.feature_dim)
+    tx = make_optimizer(config.learning_rate, config.weight_decay)
+    # threefry (JAX's default) is the portable choice; "rbg" compiles several times faster on
+    # CPU (seconds per run, which matters for tests).
+    key = jax.random.key(config.seed, impl=config.get("prng_impl", "threefry2x32"))
+    state = make_init(teacher, decoder, tx, channels)(jax.random.fold_in(key, 0))
+    step_fn = make_train_step(
+        teacher,
+        decoder,
+        backbone.features_fn,
+        tx,
+        channels=channels,
+        backbone_input_size=input_size,
+        loss_weights=loss_weights,
+        margin=config.margin,
+        compactness_mode=config.compactness_mode,
+        max_shift=config.max_shift,
+        zoom=config.zoom,
+        noise_std=config.noise_std,
+        fast_apply=config.get("fast_apply", True),
+    )
+    meta = {
+        "format": FORMAT,
+        "patch_size": p,
+        "out_dim": config.out_dim,
+        "layers": layers_to_json(teacher.layers),
+        "widths": config.widths,
+        "channels": channels,
+        "backbone": backbone_name,
+        "feature_dim": backbone.feature_dim,
+        "backbone_input": (
+            f"p×p patch resized to {input_size}×{input_size} (bilinear, antialiased)"
+            if input_size
+            else "native p×p patch"
+        )
+        + ("; grayscale repeated to 3 channels" if channels == 1 else ""),
+        "backbone_input_size": input_size or 0,
+        "crop_size": crop_size,
+        "source": source_name,
+        "total_steps": total_steps,
+        "config": json.loads(config.to_json_best_effort()),
+    }
+
+    checkpointer = Checkpointer(
+        workdir / CHECKPOINT_SUBDIR, max_to_keep=config.get("keep_checkpoints", 2)
+    )
+    writer = MetricWriter(workdir)
+    sampler = patches_lib.ContextSampler(
+        images,
+        p + 2 * margin,
+        jax.random.fold_in(key, 1),
+        scale=p / crop_size,
+        pool_size=config.pool_size,
+        steps_per_pool=config.steps_per_pool,
+        workers=config.loader_workers,
+    )
+    perturb_key = jax.random.fold_in(key, 2)
+    try:
+        start_step = checkpointer.latest_step() or 0
+        if start_step:
+            # Compare the metadata first: restoring into a different architecture would fail
+            # with a shape error that does not say which setting changed.
+            _, old_meta = checkpointer.restore(start_step)
+            for name in _RESUME_FIELDS:
+                if old_meta.get(name) != meta[name]:
+                    raise ValueError(
+                        f"{workdir} holds a teacher with {name}={old_meta.get(name)}, but this "
+                        f"run has {meta[name]}; use a new workdir"
+                    )
+            state, _ = checkpointer.restore(start_step, state)
+            logger.info("resuming %s at step %d of %d", workdir, start_step, total_steps)
+        elif config.get("init_decoder_bias", True) and config.lambda_k:
+            # D's bias starts at P's mean feature (an initialisation the paper leaves open): at
+            # lr 2e-4 Adam moves a bias by ~2e-4 per step, so learning a mean of order 0.1–1 per
+            # dimension from zero would take the first thousands of steps.
+            crops = sampler.sample(0, _BIAS_PATCHES, key=jax.random.fold_in(key, 3))
+            bias = mean_features(
+                backbone.features_fn,
+                backbone.variables,
+                patches_lib.center_crop(crops, p),
+                channels=channels,
+                backbone_input_size=input_size,
+            )
+            decoder_params = {"params": dict(state["params"]["decoder"]["params"], bias=bias)}
+            state = dict(state, params=dict(state["params"], decoder=decoder_params))
+        state = _train_loop(
+            config,
+            state,
+            step_fn,
+            backbone.variables,
+            sampler,
+            perturb_key,
+            start_step,
+            checkpointer,
+            writer,
+            meta,
+        )
+        if start_step < total_steps:
+            checkpointer.save(total_steps, state, dict(meta, step=total_steps))
+    finally:
+        sampler.close()
+        checkpointer.close()
+        writer.close()
+    variables = jax.tree.map(np.asarray, state["params"]["teacher"])
+    return teacher, variables, dict(meta, step=total_steps)
+
+
+def _train_loop(
+    config,
+    state,
+    step_fn,
+    backbone_variables,
+    sampler,
+    key,
+    start_step,
+    checkpointer,
+    writer,
+    meta,
+):
+    """Steps ``start_step … config.num_steps − 1``; returns the final state."""
+    total_steps, batch_size = config.num_steps, config.batch_size
+    crops_per_step = 2 * batch_size if config.lambda_m else batch_size
+    bar = progress(total_steps, initial=start_step, desc=f"teacher p{config.patch_size}")
+    pending = None
+    last_time, last_step = time.perf_counter(), start_step
+    try:
+        for step in range(start_step, total_steps):
+            contexts = sampler.sample(step, crops_per_step)
+            state, metrics = step_fn(state, backbone_variables, contexts, key, np.int32(step))
+            # Check the previous step's loss only now, so the host prepares the next batch
+            # while the device runs this step.
+            if pending is not None:
+                _check(*pending)
+            pending = (step, metrics)
+            bar.update(1)
+            done = step + 1
+            if done % config.log_every_steps == 0 or done == total_steps:
+                _check(*pending)
+                pending = None
+                now = time.perf_counter()
+                rate = (done - last_step) / (now - last_time)
+                values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                writer.write(done, **values, steps_per_s=rate, patches_per_s=rate * batch_size)
+                bar.set_postfix(loss=f"{values['loss']:.4g}", refresh=False)
+                last_time, last_step = now, done
+            every = config.checkpoint_every_steps
+            if every and done % every == 0 and done < total_steps:
+                checkpointer.save(done, state, dict(meta, step=done))
+        if pending is not None:
+            _check(*pending)
+    finally:
+        bar.close()
+    return state
+
+
+def _check(step: int, metrics: dict) -> None:
+    check_finite("the teacher loss", float(metrics["loss"]), step)
