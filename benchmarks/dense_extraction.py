@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import os
 
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 from absl import app, flags
 
 import ustad  # noqa: F401  (sets the fast CPU flag before JAX starts, unless USTAD_FAST_CPU=0)
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-
 from benchmarks.common import compiled_stats, device_name, emit, time_fn  # noqa: E402
 from ustad.dense import _dense, check_dense_inputs  # noqa: E402
 from ustad.models.patch_net import patch_net  # noqa: E402
@@ -57,8 +55,9 @@ def main(argv):
                     return _dense(m, v, x, "reflect", meth)
 
                 stats = compiled_stats(jax.jit(run), variables, images)
-                seconds = time_fn(run, variables, images, repeats=FLAGS.repeats,
-                                  budget_s=FLAGS.budget_s)
+                seconds = time_fn(
+                    run, variables, images, repeats=FLAGS.repeats, budget_s=FLAGS.budget_s
+                )
                 dense_ms = seconds * 1e3 / FLAGS.batch
                 emit(
                     {
