@@ -65,9 +65,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.lambda_c = 1.0
     config.margin = 1.0
     config.compactness_mode = "signed"
-    # D's bias starts at P's mean feature over 256 patches (the paper gives no initialisation);
-    # False: zeros (Flax's default).
-    config.init_decoder_bias = True
+    # D's initialisation (not in the paper): "mean" = zero kernel and bias = P's mean feature
+    # over 256 patches, so L_k starts at the variance of P's features; "default" = Flax's.
+    config.init_decoder = "mean"
 
     # Optimisation (paper): Adam 2e-4, weight decay 1e-5 (L2, as PyTorch), 64 patches, 50k steps.
     config.learning_rate = 2e-4

@@ -43,11 +43,9 @@ def main(argv):
             )
     scales = train_and_evaluate(config, FLAGS.workdir)
     for scale in scales:
-        logging.getLogger("ustad").info(
-            "p=%d: %d students, score normalisation %s",
-            scale.patch_size,
-            scale.num_students,
-            scale.normalization.as_dict(),
+        print(
+            f"p={scale.patch_size}: {scale.num_students} students trained, score normalisation "
+            f"{scale.normalization.as_dict()}"
         )
 
 

@@ -17,6 +17,7 @@ from ustad.scoring import (
     ScaleModel,
     ScoreNormalization,
     compute_normalization,
+    find_scale_dirs,
     normalized_score,
     predictive_variance,
     reduce_maps,
@@ -195,13 +196,24 @@ def test_normalization_matches_numpy_over_all_pixels(scales):
 
 
 def _score_script():
-    path = Path(__file__).parents[1] / "scripts" / "score.py"
-    if "ustad_score_script" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("ustad_score_script", path)
+    # The same module object as tests/test_students.py loads: absl flags are defined once.
+    key = "ustad_test_scripts_score"
+    if key not in sys.modules:
+        path = Path(__file__).parents[1] / "scripts" / "score.py"
+        spec = importlib.util.spec_from_file_location(key, path)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-        sys.modules["ustad_score_script"] = module
-    return sys.modules["ustad_score_script"]
+        sys.modules[key] = module
+    return sys.modules[key]
+
+
+def test_scale_folders_of_a_multiscale_run(tmp_path):
+    for name in ("p65", "p17", "p33", "other"):
+        (tmp_path / name / ("checkpoints" if name != "other" else "x")).mkdir(parents=True)
+    assert [d.name for d in find_scale_dirs(tmp_path)] == ["p17", "p33", "p65"]
+    assert find_scale_dirs(tmp_path / "p33") == [tmp_path / "p33"]
+    with pytest.raises(FileNotFoundError, match="no trained students"):
+        find_scale_dirs(tmp_path / "other")
 
 
 def test_score_script_names_an_unreadable_image(tmp_path):

@@ -2,6 +2,7 @@
 
 import functools
 import importlib.util
+import sys
 from pathlib import Path
 
 import jax
@@ -12,7 +13,10 @@ import pytest
 
 import ustad.train.students as students_lib
 from ustad import sharding as shd
+from ustad.data.images import read_image, to_uint8, write_png
+from ustad.data.synthetic import make_synthetic_category
 from ustad.ensemble import member
+from ustad.metric_writer import read_metrics
 from ustad.models.patch_net import patch_net
 from ustad.scoring import Detector, teacher_targets
 from ustad.train.students import (
@@ -23,6 +27,7 @@ from ustad.train.students import (
     make_train_step,
     student_loss,
     student_step,
+    train_and_evaluate,
     train_students,
 )
 
@@ -32,12 +37,20 @@ LR, WD = 1e-3, 1e-2  # larger than the paper's, so that differences would show
 KEY = functools.partial(jax.random.key, impl="rbg")
 
 
+def _load_script(name, folder="scripts"):
+    """A repository file outside the package (scripts/, configs/) as a module, loaded once."""
+    key = f"ustad_test_{folder}_{name}"
+    if key not in sys.modules:
+        path = Path(__file__).parents[1] / folder / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(key, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules[key] = module
+    return sys.modules[key]
+
+
 def get_config(name):
-    path = Path(__file__).parents[1] / "configs" / "students.py"
-    spec = importlib.util.spec_from_file_location("students_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(name)
+    return _load_script("students", "configs").get_config(name)
 
 
 def _assert_trees_close(a, b, rtol=1e-5, atol=1e-6):
@@ -179,19 +192,77 @@ def data():
     return images, (teacher, teacher_vars)
 
 
-def test_checkpoint_restore_gives_identical_scores(data, tmp_path):
+@pytest.fixture(scope="module")
+def trained(data, tmp_path_factory):
     images, teacher = data
-    scale = train_students(_config(target_cache="float32"), tmp_path, images, teacher=teacher)
+    workdir = tmp_path_factory.mktemp("students")
+    scale = train_students(_config(target_cache="float32"), workdir, images, teacher=teacher)
+    return workdir, scale
+
+
+def test_checkpoint_restore_gives_identical_scores(data, trained):
+    images, teacher = data
+    workdir, scale = trained
     assert scale.num_students == 2 and scale.image_size == (SIZE, SIZE)
     test_images = images[:3] * 0.9
     maps, scores = Detector([scale], batch_size=2).score(test_images)
-    loaded_maps, loaded_scores = Detector.load(tmp_path, batch_size=2).score(test_images)
+    loaded_maps, loaded_scores = Detector.load(workdir, batch_size=2).score(test_images)
     np.testing.assert_array_equal(maps, loaded_maps)
     np.testing.assert_array_equal(scores, loaded_scores)
     # A finished run is not retrained: calling again returns the same students.
-    again = train_students(_config(target_cache="float32"), tmp_path, images, teacher=teacher)
+    again = train_students(_config(target_cache="float32"), workdir, images, teacher=teacher)
     _assert_trees_close(again.params, scale.params, rtol=0, atol=0)
     assert again.normalization == scale.normalization
+    records = read_metrics(workdir / "metrics.jsonl")
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert len(losses) == 6 and all(np.isfinite(losses))
+    assert any("val_error_mean" in r for r in records)
+
+
+def test_score_script_writes_maps_overlays_and_scores(data, trained, tmp_path):
+    images, _ = data
+    workdir, _ = trained
+    (tmp_path / "in" / "sub").mkdir(parents=True)
+    for i, image in enumerate(images[:2]):
+        write_png(tmp_path / "in" / "sub" / f"{i}.png", to_uint8(image))
+    write_png(tmp_path / "in" / "big.png", to_uint8(np.kron(images[2], np.ones((2, 2, 1)))))
+    script = _load_script("score")
+    script.FLAGS(
+        [
+            "score.py",
+            "--workdirs",
+            str(workdir),
+            "--images",
+            str(tmp_path / "in" / "**" / "*.png"),
+            "--out",
+            str(tmp_path / "out"),
+            "--batch_size",
+            "2",
+        ]
+    )
+    script.main([])
+    with np.load(tmp_path / "out" / "big.npz") as result:
+        assert result["anomaly_map"].shape == (2 * SIZE, 2 * SIZE)  # the image's own size
+    with np.load(tmp_path / "out" / "sub" / "1.npz") as result:
+        assert result["anomaly_map"].shape == (SIZE, SIZE) and np.isfinite(result["score"])
+    assert read_image(tmp_path / "out" / "sub" / "0.png").shape == (SIZE, 2 * SIZE, 3)
+    lines = (tmp_path / "out" / "scores.csv").read_text().splitlines()
+    assert lines[0] == "path,score" and len(lines) == 4
+
+
+def test_train_and_evaluate_on_an_mvtec_layout_folder(tmp_path):
+    make_synthetic_category(
+        tmp_path / "data",
+        "tiny",
+        image_size=SIZE,
+        num_train=8,
+        num_test_good=1,
+        num_test_per_defect=1,
+    )
+    config = _config(data_dir=str(tmp_path / "data"), category="tiny", epochs=1)
+    (scale,) = train_and_evaluate(config, tmp_path / "run")
+    assert scale.patch_size == P and (tmp_path / "run" / "checkpoints").is_dir()
+    assert Detector.load(tmp_path / "run").scales[0].num_students == M
 
 
 def test_kill_and_resume_equals_uninterrupted_run(data, tmp_path, monkeypatch):

@@ -228,7 +228,7 @@ def _train(workdir, config=None, **kwargs):
 
 def _losses(workdir):
     lines = (workdir / "metrics.jsonl").read_text().splitlines()
-    return [json.loads(line)["distillation"] for line in lines]
+    return [json.loads(line)["loss"] for line in lines]
 
 
 def test_smoke_run_lowers_loss_and_resume_is_exact(tmp_path, monkeypatch):
@@ -250,8 +250,10 @@ def test_smoke_run_lowers_loss_and_resume_is_exact(tmp_path, monkeypatch):
     finally:
         jax.monitoring.unregister_event_duration_listener(count)
     assert len(per_step) == 20 and len(set(per_step)) == 1, "the step recompiled"
+    # The total loss: over the first steps the (signed) compactness term dominates it, and the
+    # distillation term may rise before it falls.
     losses = _losses(tmp_path / "full")
-    assert np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3])
+    assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 1.0
 
     # Killed after step 14 (checkpoint at 10), then restarted with the same command.
     def killed(step, metrics):
@@ -300,30 +302,28 @@ def test_resume_refuses_a_different_teacher(tmp_path):
         _train(tmp_path, _config(num_steps=4, channels=1))
 
 
-def test_grayscale_teacher_with_resized_p_input(tmp_path):
-    config = _config(num_steps=3, channels=1, backbone_input_size=24)
-    module, variables, meta = _train(tmp_path, config)
-    # T̂ sees one channel; the tiny P (a 3-channel conv) must have seen three.
-    assert variables["params"]["conv1"]["kernel"].shape[2] == 1
-    assert meta["backbone_input"].startswith("p×p patch resized to 24×24")
-    assert "grayscale repeated" in meta["backbone_input"]
-    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert {"loss", "distillation", "compactness", "steps_per_s", "patches_per_s"} <= set(
-        records[-1]
-    )
-
-
-def test_smoke_config_with_triplets_runs_on_the_natural_photos(tmp_path):
+def test_smoke_config_runs_on_the_natural_photos_gray_with_resized_p_input(tmp_path):
+    # The smoke config (triplets on) as a grayscale teacher whose P sees 24×24 resized patches.
     config = teacher_configs.get_config("smoke")
     config.num_steps = 3
     config.prng_impl = "rbg"
+    config.channels = 1
+    config.backbone_input_size = 24
     module, variables, meta = teacher.train_and_evaluate(
         config, tmp_path, backbone=_tiny_backbone()
     )
     assert meta["step"] == 3 and meta["source"].startswith("natural photos")
+    assert module.patch_size == 17
+    # T̂ sees one channel; the tiny P (a 3-channel conv) must have seen three.
+    assert variables["params"]["conv1"]["kernel"].shape[2] == 1
+    assert meta["backbone_input"] == (
+        "p×p patch resized to 24×24 (bilinear, antialiased); grayscale repeated to 3 channels"
+    )
     records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert config.lambda_m > 0 and all(r["triplet"] > 0 for r in records)
-    assert module.patch_size == 17
+    assert {"loss", "distillation", "compactness", "steps_per_s", "patches_per_s"} <= set(
+        records[-1]
+    )
     for name in ("p17", "p33", "p65"):
         assert teacher_configs.get_config(name).patch_size == int(name[1:])
     with pytest.raises(ValueError, match="unknown config"):

@@ -220,7 +220,8 @@ def _train_step_fn(student, tx, teacher, padding, mesh, shard_members, strategy)
     return jax.jit(
         step,
         in_shardings=(members, shd.batch_sharding(mesh), third),
-        out_shardings=(members, members),
+        # The M losses are replicated so that every process can read them without a gather.
+        out_shardings=(members, shd.replicated(mesh)),
         donate_argnums=0,
     )
 
@@ -620,17 +621,18 @@ def _train_loop(
                 step += 1
                 if bar:
                     bar.update(batch_size)
-                if writer and step % config.log_every_steps == 0:
+                if step % config.log_every_steps == 0:
                     now = time.perf_counter()
-                    values = shd.to_host(losses)
+                    values = shd.to_host(losses)  # every process: this may be a collective
                     _check_values(values, step - 1)
-                    writer.write(
-                        step,
-                        epoch=epoch,
-                        loss=float(np.mean(values)),
-                        **{f"loss_{i}": float(v) for i, v in enumerate(values)},
-                        img_per_s=(step - last_step) * batch_size / (now - last_time),
-                    )
+                    if writer:
+                        writer.write(
+                            step,
+                            epoch=epoch,
+                            loss=float(np.mean(values)),
+                            **{f"loss_{i}": float(v) for i, v in enumerate(values)},
+                            img_per_s=(step - last_step) * batch_size / (now - last_time),
+                        )
                     last_time, last_step = now, step
                 if step % every == 0 and step < total_steps:
                     state = dict(state, students=students)

@@ -407,6 +407,8 @@ def train_and_evaluate(
     channels = config.channels
     if channels not in (1, 3):
         raise ValueError(f"config.channels must be 1 or 3, got {channels}")
+    if config.get("init_decoder", "mean") not in ("mean", "default"):
+        raise ValueError(f"config.init_decoder must be mean or default, got {config.init_decoder}")
     if images is None:
         images, source_name = _images_from_config(config)
     else:
@@ -467,10 +469,6 @@ def train_and_evaluate(
         "config": json.loads(config.to_json_best_effort()),
     }
 
-    checkpointer = Checkpointer(
-        workdir / CHECKPOINT_SUBDIR, max_to_keep=config.get("keep_checkpoints", 2)
-    )
-    writer = MetricWriter(workdir)
     sampler = patches_lib.ContextSampler(
         images,
         p + 2 * margin,
@@ -481,6 +479,12 @@ def train_and_evaluate(
         workers=config.loader_workers,
     )
     perturb_key = jax.random.fold_in(key, 2)
+    # On the device once, not transferred with every step.
+    backbone_variables = jax.device_put(backbone.variables)
+    checkpointer = Checkpointer(
+        workdir / CHECKPOINT_SUBDIR, max_to_keep=config.get("keep_checkpoints", 2)
+    )
+    writer = MetricWriter(workdir)
     try:
         start_step = checkpointer.latest_step() or 0
         if start_step:
@@ -495,25 +499,27 @@ def train_and_evaluate(
                     )
             state, _ = checkpointer.restore(start_step, state)
             logger.info("resuming %s at step %d of %d", workdir, start_step, total_steps)
-        elif config.get("init_decoder_bias", True) and config.lambda_k:
-            # D's bias starts at P's mean feature (an initialisation the paper leaves open): at
-            # lr 2e-4 Adam moves a bias by ~2e-4 per step, so learning a mean of order 0.1–1 per
-            # dimension from zero would take the first thousands of steps.
+        elif config.get("init_decoder", "mean") == "mean" and config.lambda_k:
+            # D starts as the constant predictor of P's mean feature: zero kernel, bias = the
+            # mean (an initialisation the paper leaves open). At lr 2e-4 Adam moves a bias by
+            # ~2e-4 per step, so learning a mean of order 0.1–1 per dimension from zero takes
+            # thousands of steps, and a random kernel adds noise of order ||T̂(p)||² to L_k.
             crops = sampler.sample(0, _BIAS_PATCHES, key=jax.random.fold_in(key, 3))
             bias = mean_features(
                 backbone.features_fn,
-                backbone.variables,
+                backbone_variables,
                 patches_lib.center_crop(crops, p),
                 channels=channels,
                 backbone_input_size=input_size,
             )
-            decoder_params = {"params": dict(state["params"]["decoder"]["params"], bias=bias)}
+            kernel = jnp.zeros_like(state["params"]["decoder"]["params"]["kernel"])
+            decoder_params = {"params": {"kernel": kernel, "bias": bias}}
             state = dict(state, params=dict(state["params"], decoder=decoder_params))
         state = _train_loop(
             config,
             state,
             step_fn,
-            backbone.variables,
+            backbone_variables,
             sampler,
             perturb_key,
             start_step,
