@@ -10,11 +10,14 @@ Run from the repository root::
 Each ``--config.<field>=<value>`` overrides a field, e.g. ``--config.category=carpet``.
 
 Runtimes are for MVTec AD "bottle" (209 train/good images, 188 trained after the validation
-hold-out), 100 epochs, batch 1, M = 3, measured per step with benchmarks/student_step.py:
+hold-out), 100 epochs, batch 1, M = 3, i.e. 18 800 steps. One step (exact dense extraction,
+forward + backward of 3 students) costs at 256²: 3.6 TFLOP for p=17, 2.1 for p=33, 3.2 for
+p=65 (0.93 TFLOP for p=65 at 128²):
 
-* 2-core CPU (Xeon, AVX-512), p=65 at 128²: ~5.5 s per step (3 students) when the machine is
-  shared; at 256² about 4× that, i.e. ~4 days for 100 epochs: train on a GPU.
-* One H100: minutes per scale (the step is ~1 TFLOP at 256² for p=65).
+* 2-core CPU (AMD EPYC, AVX2; shared with other jobs, load ≈ 5): 31 s per step at 128²
+  (benchmarks/student_step.py, 30 GFLOP/s), so 256² would take weeks: train on a GPU.
+* One H100 (not measured here): at a conservative 100 TFLOP/s, 20–40 ms per step at 256², i.e.
+  ~10 minutes per scale plus the teacher pass; ``multiscale`` about 3× that.
 """
 
 from __future__ import annotations
@@ -79,12 +82,13 @@ def get_config(arg: str = "p65") -> ml_collections.ConfigDict:
     * ``p17``, ``p33``, ``p65``: one receptive field, the paper's settings. Command:
       ``python scripts/train_students.py --config configs/students.py:p65 --workdir
       runs/students_p65`` (teacher expected in ``runs/teacher_p65``). Runtime: see the module
-      docstring (days on 2 CPU cores at 256², minutes on one H100).
+      docstring (weeks on 2 CPU cores at 256², minutes on one H100).
     * ``multiscale``: all three in one run, each into ``<workdir>/p17``, ``p33``, ``p65``;
-      ``scripts/score.py --workdirs <workdir>`` averages them. About 2.5× the p65 runtime.
+      ``scripts/score.py --workdirs <workdir>`` averages them. About 3× the p65 runtime.
     * ``smoke``: tiny random teacher, 32² synthetic images written to ``/tmp`` on the fly, 2
       epochs: ``python scripts/train_students.py --config configs/students.py:smoke --workdir
-      /tmp/ustad_smoke`` runs end to end in about a minute on CPU (no data, no teacher needed).
+      /tmp/ustad_smoke`` runs end to end in under a minute on CPU (no data, no teacher needed;
+      45 s on the shared 2-core CPU, mostly compilation).
     """
     config = base_config()
     if arg in PATCH_SIZES:

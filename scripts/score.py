@@ -20,12 +20,12 @@ import csv
 import io
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 from absl import app, flags
 
 import ustad  # noqa: F401  (sets XLA flags before JAX starts a backend)
+from ustad.io import atomic_write
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("workdirs", None, "students workdir(s); scales found in all are averaged")
@@ -40,16 +40,7 @@ flags.DEFINE_float("vmax", None, "colour scale maximum (default: the run's maxim
 flags.mark_flags_as_required(["workdirs", "images", "out"])
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+_atomic_write = atomic_write
 
 
 def overlay_panel(image, anomaly_map, vmin: float, vmax: float):

@@ -7,11 +7,8 @@ renamed). The reports that call these live in :mod:`ustad.evaluate`.
 
 from __future__ import annotations
 
-import contextlib
 import io
-import os
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -19,27 +16,14 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from ustad import metrics
+from ustad.io import atomic_write
 
 __all__ = ["plot_curves", "select_examples", "write_examples"]
 
 _PLOT_POINTS = 4000
 
 
-def _atomic_write(path: Path, data: bytes) -> Path:
-    """Writes `data` to a temporary file next to `path`, then renames it (also used by the
-    tables of `ustad.evaluate`)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as f:
-            f.write(data)
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-        raise
-    return path
+_atomic_write = atomic_write  # used by ustad.evaluate too
 
 
 def _thin(x: np.ndarray, y: np.ndarray, max_points: int = _PLOT_POINTS):

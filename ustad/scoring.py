@@ -32,7 +32,7 @@ import numpy as np
 
 from ustad import sharding as shd
 from ustad.dense import dense_apply
-from ustad.models.patch_net import Conv, PatchNet, Pool
+from ustad.models.patch_net import PatchNet, layers_from_json
 from ustad.stats import Moments, batch_moments, empty_moments, finalize, merge_moments
 
 PyTree = Any
@@ -277,18 +277,6 @@ def compute_normalization(
 
 CHECKPOINT_SUBDIR = "checkpoints"
 FORMAT = "ustad.students/1"
-
-
-def layers_to_json(layers: Sequence[Conv | Pool]) -> list[list]:
-    """``[["conv", kernel, features] | ["pool", size], ...]`` for checkpoint metadata."""
-    return [
-        ["conv", layer.kernel, layer.features] if isinstance(layer, Conv) else ["pool", layer.size]
-        for layer in layers
-    ]
-
-
-def layers_from_json(rows: Sequence[Sequence]) -> tuple[Conv | Pool, ...]:
-    return tuple(Conv(int(r[1]), int(r[2])) if r[0] == "conv" else Pool(int(r[1])) for r in rows)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,12 +11,13 @@ from __future__ import annotations
 import glob
 import io
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from ustad.io import atomic_write
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
 
@@ -183,15 +184,7 @@ def write_png(path: str | os.PathLike, array: np.ndarray) -> None:
     never sees a half-written image.
     """
     path = Path(path)
-    data = encode_png(array)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, encode_png(array))
 
 
 def resolve_image_paths(source: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:

@@ -70,6 +70,19 @@ def total_stride(layers: Sequence[Conv | Pool]) -> int:
     return stride
 
 
+def layers_to_json(layers: Sequence[Conv | Pool]) -> list[list]:
+    """``[["conv", kernel, features] | ["pool", size], ...]`` for checkpoint metadata."""
+    return [
+        ["conv", layer.kernel, layer.features] if isinstance(layer, Conv) else ["pool", layer.size]
+        for layer in layers
+    ]
+
+
+def layers_from_json(rows: Sequence[Sequence]) -> tuple[Conv | Pool, ...]:
+    """Inverse of :func:`layers_to_json`."""
+    return tuple(Conv(int(r[1]), int(r[2])) if r[0] == "conv" else Pool(int(r[1])) for r in rows)
+
+
 def multi_max_pool(x: jax.Array, size: int) -> jax.Array:
     """Bailer et al.'s multi-pooling.
 

@@ -47,14 +47,13 @@ from ustad.checkpointing import Checkpointer
 from ustad.dense import dense_apply
 from ustad.ensemble import init_ensemble
 from ustad.metric_writer import MetricWriter, check_finite, progress
-from ustad.models.patch_net import PatchNet, patch_net
+from ustad.models.patch_net import PatchNet, layers_to_json, patch_net
 from ustad.scoring import (
     CHECKPOINT_SUBDIR,
     FORMAT,
     ScaleModel,
     ScoreNormalization,
     compute_normalization,
-    layers_to_json,
     map_members,
     resolve_member_strategy,
     teacher_targets,

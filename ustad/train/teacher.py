@@ -40,7 +40,15 @@ import optax
 from ustad.checkpointing import Checkpointer
 from ustad.losses import compactness_loss, distillation_loss, triplet_loss
 from ustad.metric_writer import MetricWriter, check_finite, progress
-from ustad.models.patch_net import LEAKY_SLOPE, Conv, PatchNet, Pool, patch_net
+from ustad.models.patch_net import (
+    LEAKY_SLOPE,
+    Conv,
+    PatchNet,
+    Pool,
+    layers_from_json,
+    layers_to_json,
+    patch_net,
+)
 from ustad.models.pretrained import Backbone
 from ustad.train import patches as patches_lib
 
@@ -301,18 +309,6 @@ def _features_fn(features_fn, channels, backbone_input_size):
 
 # ---------------------------------------------------------------------------------------------
 # Checkpoint format.
-
-
-def layers_to_json(layers: Sequence[Conv | Pool]) -> list[list]:
-    """``[["conv", kernel, features] | ["pool", size], ...]`` (the students' format too)."""
-    return [
-        ["conv", layer.kernel, layer.features] if isinstance(layer, Conv) else ["pool", layer.size]
-        for layer in layers
-    ]
-
-
-def layers_from_json(rows: Sequence[Sequence]) -> tuple[Conv | Pool, ...]:
-    return tuple(Conv(int(r[1]), int(r[2])) if r[0] == "conv" else Pool(int(r[1])) for r in rows)
 
 
 def load_teacher(
