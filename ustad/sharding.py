@@ -126,11 +126,6 @@ def check_members(mesh: Mesh, num_members: int, shard_members: bool) -> None:
         )
 
 
-def tree_shardings(tree: PyTree, sharding: NamedSharding) -> PyTree:
-    """The same sharding for every leaf of ``tree`` (the form ``jax.jit`` takes)."""
-    return jax.tree.map(lambda _: sharding, tree)
-
-
 def shard_batch(batch: np.ndarray, mesh: Mesh) -> jax.Array:
     """Place a global host batch on the mesh, split over ``"data"``.
 

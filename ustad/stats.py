@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -135,14 +135,6 @@ def finalize(moments: Moments, min_std: float = MIN_STD) -> TargetStats:
     )
 
 
-def streaming_moments(batches: Iterable[Moments], dim: int) -> Moments:
-    """Merge per-batch moments (e.g. from a jitted :func:`batch_moments`) in float64."""
-    total = empty_moments(dim)
-    for moments in batches:
-        total = merge_moments(total, moments)
-    return total
-
-
 def descriptor_stats(
     describe: Callable[[PyTree, jax.Array], jax.Array],
     params: PyTree,
@@ -187,8 +179,3 @@ def descriptor_stats(
 def _moments_fn(describe):
     # Cached per ``describe`` object so that repeated calls reuse the compilation.
     return jax.jit(lambda params, images: batch_moments(describe(params, images)))
-
-
-def normalize(descriptors: jax.Array, mean: jax.Array, std: jax.Array) -> jax.Array:
-    """``(descriptors - mean) / std``: ``[..., D]`` with ``mean``, ``std`` ``[D]``."""
-    return (descriptors - mean) / std
