@@ -216,6 +216,14 @@ def test_train_apply_equals_module_apply_values_and_gradients():
         teacher.train_apply(nets[17], variables[17], inputs[33])
 
 
+def test_mean_features_is_the_mean_of_p_over_batches():
+    backbone = _tiny_backbone()
+    crops = np.random.default_rng(1).random((10, 17, 17, 3)).astype(np.float32)
+    mean = teacher.mean_features(_tiny_features, backbone.variables, crops, batch_size=4)
+    expected = np.mean(_tiny_features(backbone.variables, crops), axis=0)
+    np.testing.assert_allclose(mean, expected, rtol=1e-5, atol=1e-7)
+
+
 # ---------------------------------------------------------------------------------------------
 # The trainer.
 
