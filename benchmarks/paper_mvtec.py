@@ -43,6 +43,16 @@ PAPER_P65 = {
 PAPER_MEAN = {"p17": 0.866, "p33": 0.900, "p65": 0.857, "multiscale": 0.914}
 
 
+def describe_schedule(config) -> str:
+    """One line naming what the run did (the table must say when it is not the paper's)."""
+    teacher = config.teacher_workdir or f"trained here, {config.teacher.num_steps} steps"
+    return (
+        f"{config.schedule}: {config.image_size}×{config.image_size}, p = "
+        f"{', '.join(str(p) for p in config.patch_sizes)}, M = {config.students.num_students}, "
+        f"{config.students.epochs} epochs, batch {config.students.batch_size}, teacher: {teacher}"
+    )
+
+
 def table(rows: list[dict], schedule: str, device: str) -> str:
     lines = [
         f"Schedule: {schedule}. Device: {device}. Image score: max of the anomaly map.",
@@ -100,7 +110,7 @@ def main(argv):
             ),
             flush=True,
         )
-    text = table(rows, FLAGS.config.schedule, device)
+    text = table(rows, describe_schedule(FLAGS.config), device)
     os.makedirs(FLAGS.out, exist_ok=True)
     with open(os.path.join(FLAGS.out, "table.md"), "w") as f:
         f.write(text + "\n")

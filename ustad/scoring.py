@@ -364,7 +364,8 @@ def load_scale(workdir: str | os.PathLike) -> ScaleModel:
     )
 
 
-def _convert_channels(images: np.ndarray, channels: int) -> np.ndarray:
+def convert_channels(images: np.ndarray, channels: int) -> np.ndarray:
+    """``[..., C]`` images as ``channels`` channels: gray repeated to RGB, or RGB to luma."""
     if images.shape[-1] == channels:
         return images
     if images.shape[-1] == 1 and channels == 3:
@@ -476,7 +477,7 @@ class Detector:
         count, height, width = images.shape[:3]
         total = np.zeros((count, height, width), np.float32)
         for (size, channels), _ in self._groups:
-            inputs = _resize_images(_convert_channels(images, channels), size)
+            inputs = _resize_images(convert_channels(images, channels), size)
             maps = self._score_group((size, channels), inputs)
             if maps.shape[1:] != (height, width):
                 maps = np.asarray(jax.image.resize(maps, (count, height, width), "linear"))

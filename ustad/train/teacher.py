@@ -314,10 +314,12 @@ def _features_fn(features_fn, channels, backbone_input_size):
 def load_teacher(
     workdir: str | os.PathLike, *, allow_unfinished: bool = False
 ) -> tuple[PatchNet, PyTree, dict]:
-    """T̂ from the newest checkpoint of a teacher workdir.
+    """T̂ from the newest checkpoint of a teacher workdir, a teacher file, or a name.
 
     Args:
-      workdir: the ``--workdir`` of :func:`train_and_evaluate`.
+      workdir: the ``--workdir`` of :func:`train_and_evaluate`; or a file written by
+        :func:`ustad.train.teacher_files.export_teacher`; or the name of one installed in
+        :func:`ustad.train.teacher_files.teachers_dir`.
       allow_unfinished: accept a run that stopped before its last step.
 
     Returns:
@@ -325,7 +327,12 @@ def load_teacher(
       ``[N, d]``; ``metadata`` has ``patch_size, out_dim, layers, channels, backbone,
       backbone_input, step, total_steps, config`` and more.
     """
-    directory = Path(workdir) / CHECKPOINT_SUBDIR
+    from ustad.train import teacher_files
+
+    source = teacher_files.resolve_teacher(workdir)
+    if source.is_file():
+        return teacher_files.read_teacher_file(source)
+    directory = source / CHECKPOINT_SUBDIR
     with Checkpointer(directory) as checkpointer:
         restored = checkpointer.restore_latest()
     if restored is None:
@@ -346,7 +353,7 @@ def load_teacher(
         out_dim=int(meta["out_dim"]),
     )
     variables = jax.tree.map(np.asarray, state["params"]["teacher"])
-    return module, variables, meta
+    return module, variables, dict(meta, step=step)
 
 
 # ---------------------------------------------------------------------------------------------

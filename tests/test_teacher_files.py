@@ -1,0 +1,107 @@
+"""Teacher files: export, load by path and by name, and clear errors for bad files."""
+
+import io
+import json
+
+import numpy as np
+import pytest
+from test_teacher import _config, _train
+
+from ustad.train import teacher, teacher_files
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("teacher")
+    _train(workdir, _config(num_steps=4, checkpoint_every_steps=4))
+    return workdir
+
+
+def _apply(module, variables, seed=0):
+    patches = np.random.default_rng(seed).random((3, module.patch_size, module.patch_size, 3))
+    return np.asarray(module.apply(variables, patches.astype(np.float32)))
+
+
+def test_export_round_trip_by_path_and_by_name(trained, tmp_path, monkeypatch):
+    module, variables, meta = teacher.load_teacher(trained)
+    path = tmp_path / "t.teacher.npz"
+    record = teacher_files.export_teacher(trained, path)
+    assert record["bytes"] == path.stat().st_size and len(record["sha256"]) == 64
+    loaded, loaded_vars, header = teacher.load_teacher(path)
+    assert loaded == module
+    assert header["step"] == meta["step"] == 4 and header["channels"] == 3
+    np.testing.assert_array_equal(_apply(loaded, loaded_vars), _apply(module, variables))
+    teacher_files.read_teacher_file(path, sha256=record["sha256"])
+    with pytest.raises(ValueError, match="SHA-256"):
+        teacher_files.read_teacher_file(path, sha256="0" * 64)
+
+    monkeypatch.setenv("USTAD_TEACHERS", str(tmp_path / "named"))
+    with pytest.raises(FileNotFoundError, match="names there: none"):
+        teacher.load_teacher("tiny17")
+    installed = teacher_files.install_teacher(path, "tiny17")
+    assert installed == tmp_path / "named" / "tiny17.teacher.npz"
+    by_name = teacher.load_teacher("tiny17")
+    np.testing.assert_array_equal(_apply(*by_name[:2]), _apply(module, variables))
+    with pytest.raises(ValueError, match="plain file stem"):
+        teacher_files.install_teacher(path, "../escape")
+
+
+def test_float16_export_is_half_the_size_and_close(trained, tmp_path):
+    module, variables, _ = teacher.load_teacher(trained)
+    full = teacher_files.export_teacher(trained, tmp_path / "a.teacher.npz")
+    half = teacher_files.export_teacher(trained, tmp_path / "b.teacher.npz", dtype="float16")
+    assert half["bytes"] < 0.6 * full["bytes"]
+    loaded = teacher.load_teacher(tmp_path / "b.teacher.npz")
+    reference = _apply(module, variables)
+    np.testing.assert_allclose(_apply(*loaded[:2]), reference, atol=2e-2 * np.abs(reference).max())
+
+
+def _rewrite(path, out, change):
+    archive = np.load(path)
+    arrays = {key: archive[key] for key in archive.files}
+    change(arrays)
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    out.write_bytes(buffer.getvalue())
+    return out
+
+
+def _header(arrays):
+    return json.loads(arrays["__header__"].tobytes().decode())
+
+
+def _set_header(arrays, **fields):
+    header = dict(_header(arrays), **fields)
+    arrays["__header__"] = np.frombuffer(json.dumps(header).encode(), np.uint8)
+
+
+def test_bad_files_name_what_is_wrong(trained, tmp_path):
+    good = tmp_path / "good.teacher.npz"
+    teacher_files.export_teacher(trained, good)
+    first = next(k for k in np.load(good).files if k.startswith("params/"))
+
+    def nan(arrays):
+        arrays[first] = np.full_like(arrays[first], np.nan)
+
+    def reshape(arrays):
+        arrays[first] = np.zeros(arrays[first].shape + (2,), np.float32)
+
+    cases = {
+        "missing": (lambda a: a.pop(first), "is missing"),
+        "nan": (nan, "NaN"),
+        "shape": (reshape, "has shape"),
+        "format": (lambda a: _set_header(a, format="other/9"), "format 'other/9'"),
+        "header": (lambda a: a.pop("__header__"), "no '__header__'"),
+        "extra": (lambda a: a.__setitem__("params/conv9/kernel", np.zeros(2)), "unexpected"),
+    }
+    for name, (change, message) in cases.items():
+        bad = _rewrite(good, tmp_path / f"{name}.teacher.npz", change)
+        with pytest.raises(ValueError, match=message) as error:
+            teacher.load_teacher(bad)
+        assert str(bad) in str(error.value)
+    corrupt = tmp_path / "corrupt.teacher.npz"
+    corrupt.write_bytes(good.read_bytes()[:200])
+    with pytest.raises(ValueError, match="not a teacher file"):
+        teacher.load_teacher(corrupt)
+    with pytest.raises(FileNotFoundError, match="no teacher"):
+        teacher.load_teacher(tmp_path / "absent")
