@@ -39,6 +39,8 @@ flags.DEFINE_list("patch_sizes", ["65"], "receptive fields p")
 flags.DEFINE_list("sizes", ["128"], "square image sizes")
 flags.DEFINE_list("dtypes", ["float32"], "student compute dtypes (float32, bfloat16)")
 flags.DEFINE_integer("num_students", 3, "M")
+flags.DEFINE_float("widths", 1.0, "hidden widths as a fraction of the paper's (the demo: 0.125)")
+flags.DEFINE_integer("out_dim", 128, "descriptor dimension d (the demo: 32)")
 flags.DEFINE_integer("batch", 1, "images per step")
 flags.DEFINE_integer("repeats", 3, "timed rounds (median reported)")
 flags.DEFINE_float("budget_s", 300.0, "stop after this long once 2 rounds are done")
@@ -137,7 +139,8 @@ def main(argv):
     num_students, batch = FLAGS.num_students, FLAGS.batch
     tx = make_optimizer(1e-4, 1e-5)
     for p in map(int, FLAGS.patch_sizes):
-        teacher = patch_net(p)
+        widths = None if FLAGS.widths == 1.0 else FLAGS.widths
+        teacher = patch_net(p, widths=widths, out_dim=FLAGS.out_dim)
         teacher_vars = jax.jit(teacher.init)(key, jnp.zeros((1, p, p, 3)))
         teacher_fn = jax.jit(lambda v, x, t=teacher: dense_apply(t, v, x))
         for size in map(int, FLAGS.sizes):
@@ -171,6 +174,8 @@ def main(argv):
                         "device": device,
                         "load_avg_1min": load,
                         "p": p,
+                        "widths": FLAGS.widths,
+                        "out_dim": FLAGS.out_dim,
                         "image_size": size,
                         "num_students": num_students,
                         "batch": batch,
