@@ -1,20 +1,13 @@
-"""Anomaly scores from a teacher and its M students (paper §5).
+"""Scoring images with trained students (paper §5): trained scales and the detector.
 
-Per pixel (r, c), with μ^{S_i} the students' dense predictions and t = (y^T − μ)/σ the
-normalised teacher descriptor:
+A :class:`ScaleModel` is one receptive field's teacher, M students and score statistics, as
+:func:`load_scale` reads them from a students workdir (see :mod:`ustad.train.students`).
+:class:`Detector` scores images with one or several scales: the normalised score ``ẽ + ṽ`` of
+each scale at its training size, resized back and averaged over the scales, and an image score
+reduced from the map.
 
-* mixture mean ``μ̄ = (1/M) Σ_i μ^{S_i}``;
-* regression error ``e = ||μ̄ − t||²``;
-* predictive variance ``v = (1/M) Σ_i ||μ^{S_i}||² − ||μ̄||²``;
-* score ``ẽ + ṽ = (e − e_μ)/e_σ + (v − v_μ)/v_σ``, with ``e_μ, e_σ, v_μ, v_σ`` the mean and
-  standard deviation of e and v over every pixel of held-out anomaly-free validation images;
-* several receptive fields: the plain average of the per-scale scores.
-
-The paper defines no image-level score for MVTec AD; the map's maximum is the common choice and
-the default here (mean and top-k mean are options).
-
-:class:`Detector` loads trained students (see :mod:`ustad.train.students`) and scores images;
-its helpers live in :mod:`ustad.scoring` too so that scoring needs nothing from training.
+The per-pixel maths (e, v, their normalisation, the image-score reductions) lives in
+:mod:`ustad.score_maps` and is importable from here too; scoring needs nothing from training.
 """
 
 from __future__ import annotations
@@ -24,256 +17,56 @@ import functools
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ustad import sharding as shd
-from ustad.dense import dense_apply
 from ustad.models.patch_net import PatchNet, layers_from_json
-from ustad.stats import Moments, batch_moments, empty_moments, finalize, merge_moments
+from ustad.score_maps import (
+    MEMBER_STRATEGIES,
+    REDUCTIONS,
+    ScoreNormalization,
+    compute_normalization,
+    error_and_variance,
+    map_members,
+    mixture_mean,
+    normalization_from_moments,
+    normalized_score,
+    predictive_variance,
+    reduce_maps,
+    regression_error,
+    resolve_member_strategy,
+    teacher_targets,
+)
+
+__all__ = [
+    "CHECKPOINT_SUBDIR",
+    "FORMAT",
+    "MEMBER_STRATEGIES",
+    "REDUCTIONS",
+    "Detector",
+    "ScaleModel",
+    "ScoreNormalization",
+    "compute_normalization",
+    "convert_channels",
+    "error_and_variance",
+    "find_scale_dirs",
+    "load_scale",
+    "map_members",
+    "mixture_mean",
+    "normalization_from_moments",
+    "normalized_score",
+    "predictive_variance",
+    "reduce_maps",
+    "regression_error",
+    "resolve_member_strategy",
+    "teacher_targets",
+]
 
 PyTree = Any
-REDUCTIONS = ("max", "mean", "topk")
-
-
-class ScoreNormalization(NamedTuple):
-    """Mean and standard deviation of e and v over the validation pixels (scalars)."""
-
-    error_mean: float
-    error_std: float
-    variance_mean: float
-    variance_std: float
-
-    def as_dict(self) -> dict[str, float]:
-        return {k: float(v) for k, v in self._asdict().items()}
-
-
-MEMBER_STRATEGIES = ("auto", "vmap", "sequential")
-
-
-def resolve_member_strategy(strategy: str = "auto", *, sharded: bool = False) -> str:
-    """How a function of one student is lifted to the M stacked students.
-
-    ``"vmap"`` batches the members into one computation (convolutions whose input and kernel
-    both carry the member axis become grouped convolutions). ``"sequential"`` runs the members
-    one after another inside the same compiled program (a fully unrolled ``lax.scan``: ordinary
-    convolutions, one member's activations at a time).
-
-    ``"auto"``: ``"sequential"`` on CPU, where for p=65 at 128², M=3 it was 1.18× faster than
-    vmap (28.3 vs 33.4 s, alternating runs on a loaded 2-core AMD EPYC; benchmarks/
-    student_step.py) and used less memory; ``"vmap"`` on accelerators (grouped convolutions
-    are native there; not measured in this project yet) and whenever the members are sharded
-    over devices, so that each device runs its own members. A rolled ``lax.map`` ran 30×
-    slower on XLA:CPU and is not offered.
-    """
-    if strategy not in MEMBER_STRATEGIES:
-        raise ValueError(f"member_strategy must be one of {MEMBER_STRATEGIES}, got {strategy!r}")
-    if strategy != "auto":
-        return strategy
-    return "sequential" if jax.default_backend() == "cpu" and not sharded else "vmap"
-
-
-def map_members(fn, stacked: PyTree, *shared, strategy: str = "vmap"):
-    """``fn(member, *shared)`` for every member of ``stacked`` (leading axis M).
-
-    Args:
-      fn: a function of one member's pytree and the shared arguments.
-      stacked: pytree with leading axis M.
-      *shared: arguments common to all members (e.g. the images).
-      strategy: ``"vmap"`` or ``"sequential"`` (see :func:`resolve_member_strategy`).
-
-    Returns:
-      ``fn``'s outputs stacked along a new leading axis M.
-    """
-    if strategy == "vmap":
-        return jax.vmap(fn, in_axes=(0,) + (None,) * len(shared))(stacked, *shared)
-    if strategy == "sequential":
-        # Fully unrolled: straight-line code, no while loop (XLA:CPU ran convolutions inside a
-        # rolled loop ~30× slower).
-        _, outputs = jax.lax.scan(
-            lambda carry, member: (carry, fn(member, *shared)), None, stacked, unroll=True
-        )
-        return outputs
-    raise ValueError(f"strategy must be 'vmap' or 'sequential', got {strategy!r}")
-
-
-def mixture_mean(student_outputs: jax.Array) -> jax.Array:
-    """``[M, ..., D] → [..., D]``: the mean of the students' predictions."""
-    return jnp.mean(student_outputs, axis=0)
-
-
-def regression_error(student_outputs: jax.Array, targets: jax.Array) -> jax.Array:
-    """``e = ||μ̄ − t||²``.
-
-    Args:
-      student_outputs: ``[M, ..., D]`` students' predictions μ^{S_i}.
-      targets: ``[..., D]`` normalised teacher descriptors.
-
-    Returns:
-      ``[...]`` float32.
-    """
-    diff = mixture_mean(student_outputs.astype(jnp.float32)) - targets.astype(jnp.float32)
-    return jnp.sum(jnp.square(diff), axis=-1)
-
-
-def predictive_variance(student_outputs: jax.Array) -> jax.Array:
-    """``v = (1/M) Σ_i ||μ^{S_i}||² − ||μ̄||²``, computed as ``(1/M) Σ_i ||μ^{S_i} − μ̄||²``.
-
-    The two are equal; the centred form avoids the float32 cancellation of the paper's form
-    when the predictions are large compared with their spread.
-
-    Args:
-      student_outputs: ``[M, ..., D]``.
-
-    Returns:
-      ``[...]`` float32, ≥ 0.
-    """
-    outputs = student_outputs.astype(jnp.float32)
-    centred = outputs - jnp.mean(outputs, axis=0)
-    return jnp.mean(jnp.sum(jnp.square(centred), axis=-1), axis=0)
-
-
-def normalized_score(
-    error: jax.Array, variance: jax.Array, normalization: ScoreNormalization | jax.Array
-) -> jax.Array:
-    """``(e − e_μ)/e_σ + (v − v_μ)/v_σ`` elementwise.
-
-    Args:
-      error, variance: ``[...]``.
-      normalization: a :class:`ScoreNormalization` or ``[4]`` array in its field order.
-    """
-    e_mean, e_std, v_mean, v_std = (normalization[i] for i in range(4))
-    return (error - e_mean) / e_std + (variance - v_mean) / v_std
-
-
-def reduce_maps(maps: jax.Array, reduction: str = "max", top_k: int = 100) -> jax.Array:
-    """Image scores from anomaly maps.
-
-    Args:
-      maps: ``[N, H, W]``.
-      reduction: ``"max"`` (default), ``"mean"`` or ``"topk"`` (mean of the ``top_k`` highest
-        pixels, less sensitive to a single noisy pixel than the max).
-      top_k: pixels averaged by ``"topk"`` (clipped to H·W).
-
-    Returns:
-      ``[N]``.
-    """
-    flat = maps.reshape(maps.shape[0], -1)
-    if reduction == "max":
-        return jnp.max(flat, axis=1)
-    if reduction == "mean":
-        return jnp.mean(flat, axis=1)
-    if reduction == "topk":
-        return jnp.mean(jax.lax.top_k(flat, min(top_k, flat.shape[1]))[0], axis=1)
-    raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-
-
-def teacher_targets(
-    teacher: PatchNet, teacher_variables: PyTree, mean, std, images, *, padding="reflect"
-) -> jax.Array:
-    """Normalised, frozen teacher descriptors ``(y^T − μ)/σ``.
-
-    Args:
-      teacher: the teacher network.
-      teacher_variables: its variables (never trained here: wrapped in ``stop_gradient``).
-      mean, std: ``[D]`` target statistics.
-      images: ``[N, H, W, C]``.
-
-    Returns:
-      ``[N, H, W, D]`` float32.
-    """
-    descriptors = dense_apply(teacher, teacher_variables, images, padding=padding)
-    targets = (descriptors.astype(jnp.float32) - mean) / std
-    return jax.lax.stop_gradient(targets)
-
-
-def error_and_variance(
-    teacher: PatchNet,
-    student: PatchNet,
-    params: PyTree,
-    images: jax.Array,
-    padding="reflect",
-    member_strategy: str = "vmap",
-) -> tuple[jax.Array, jax.Array]:
-    """e and v maps of one scale (trace-friendly).
-
-    Args:
-      teacher, student: networks (same architecture, possibly different compute dtypes).
-      params: ``{"teacher": vars, "students": stacked vars [M, ...], "mean": [D], "std": [D]}``.
-      images: ``[N, H, W, C]``.
-      padding: dense-extraction padding.
-      member_strategy: ``"vmap"`` or ``"sequential"`` over the students (:func:`map_members`).
-
-    Returns:
-      ``(error, variance)``, each ``[N, H, W]`` float32.
-    """
-    targets = teacher_targets(
-        teacher, params["teacher"], params["mean"], params["std"], images, padding=padding
-    )
-    outputs = map_members(
-        lambda v, x: dense_apply(student, v, x, padding=padding),
-        params["students"],
-        images,
-        strategy=member_strategy,
-    )
-    return regression_error(outputs, targets), predictive_variance(outputs)
-
-
-def normalization_from_moments(moments: Moments) -> ScoreNormalization:
-    """From the moments of the ``[..., 2]`` stack ``(e, v)``."""
-    stats = finalize(moments, min_std=1e-12)
-    return ScoreNormalization(
-        float(stats.mean[0]), float(stats.std[0]), float(stats.mean[1]), float(stats.std[1])
-    )
-
-
-@functools.lru_cache(maxsize=16)
-def _error_variance_moments_fn(teacher, student, padding, strategy):
-    def moments_of(params, images):
-        error, variance = error_and_variance(teacher, student, params, images, padding, strategy)
-        return batch_moments(jnp.stack([error, variance], axis=-1))
-
-    return jax.jit(moments_of)
-
-
-def compute_normalization(
-    teacher: PatchNet,
-    student: PatchNet,
-    params: PyTree,
-    images: np.ndarray,
-    *,
-    batch_size: int,
-    padding: str = "reflect",
-    put=None,
-    member_strategy: str = "auto",
-) -> ScoreNormalization:
-    """e_μ, e_σ, v_μ, v_σ over every pixel of ``images`` (streamed, Chan merge in float64).
-
-    Args:
-      teacher, student, params: as for :func:`error_and_variance`.
-      images: ``[N, H, W, C]`` anomaly-free validation images (host array).
-      batch_size: images per jitted call.
-      padding: dense-extraction padding.
-      put: places a host batch on the devices (default ``jnp.asarray``).
-      member_strategy: see :func:`resolve_member_strategy`.
-    """
-    put = put or jnp.asarray
-    strategy = resolve_member_strategy(member_strategy)
-    moments_of = _error_variance_moments_fn(teacher, student, padding, strategy)
-    total = None
-    for start in range(0, len(images), batch_size):
-        moments = shd.to_host(moments_of(params, put(images[start : start + batch_size])))
-        total = moments if total is None else merge_moments(total, moments)
-    if total is None:
-        raise ValueError("compute_normalization needs at least one image")
-    return normalization_from_moments(merge_moments(empty_moments(2), total))
-
-
-# ---------------------------------------------------------------------------------------------
-# Trained scales and the detector.
 
 CHECKPOINT_SUBDIR = "checkpoints"
 FORMAT = "ustad.students/1"

@@ -5,16 +5,10 @@ regresses the teacher's normalised dense descriptors::
 
     L(S_i) = mean_{n, r, c} || μ^{S_i}_n(r, c) − (y^T_n(r, c) − μ) / σ ||²
 
-A single student's step (:func:`student_step`) knows nothing of the ensemble; the M students are
-one stacked pytree (leading axis M) updated inside one jitted function by lifting that step over
-the member axis, each with its own Adam state: ``jax.vmap``, or one member after another
-inside the same program, which measured faster on CPU (``member_strategy``). The teacher is
-frozen: it is not in the optimizer and its descriptors pass through
-``stop_gradient``.
-
-Teacher descriptors do not change during training, so by default they are computed once per
-image and cached on the host (see :func:`choose_target_cache`); when they do not fit, the
-teacher runs inside the train step instead.
+The jitted pieces (optimizer, initialisation, the step that updates all M students at once) are
+in :mod:`ustad.train.student_steps`, the teacher's targets and their host cache in
+:mod:`ustad.train.student_targets`; both are importable from here too. This module runs them:
+data, resumption, score normalisation, checkpoints and metrics.
 
 Workdir layout (one scale)::
 
@@ -28,7 +22,6 @@ A multi-scale run (``config.patch_sizes`` with several entries) trains each scal
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -40,303 +33,53 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
 from ustad import sharding as shd
 from ustad.checkpointing import Checkpointer
-from ustad.dense import dense_apply
-from ustad.ensemble import init_ensemble
 from ustad.metric_writer import MetricWriter, check_finite, progress
-from ustad.models.patch_net import PatchNet, layers_to_json, patch_net
+from ustad.models.patch_net import PatchNet, layers_to_json
 from ustad.scoring import (
     CHECKPOINT_SUBDIR,
     FORMAT,
     ScaleModel,
     ScoreNormalization,
     compute_normalization,
-    map_members,
-    resolve_member_strategy,
-    teacher_targets,
 )
 from ustad.stats import descriptor_stats
+from ustad.train.student_checkpoints import _check_compatible, _scale_model, _score_params
+from ustad.train.student_steps import (
+    init_students,
+    make_optimizer,
+    make_train_step,
+    student_loss,
+    student_step,
+)
+from ustad.train.student_targets import (
+    CACHE_MODES,
+    _describe_fn,
+    _teacher_from_config,
+    available_memory_bytes,
+    build_target_cache,
+    choose_target_cache,
+    training_targets,
+)
+
+__all__ = [
+    "CACHE_MODES",
+    "available_memory_bytes",
+    "build_target_cache",
+    "choose_target_cache",
+    "init_students",
+    "make_optimizer",
+    "make_train_step",
+    "student_loss",
+    "student_step",
+    "train_and_evaluate",
+    "train_students",
+]
 
 PyTree = Any
 logger = logging.getLogger(__name__)
-CACHE_MODES = ("auto", "float32", "float16", "bfloat16", "none")
-_CACHE_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": jnp.bfloat16}
-
-
-# ---------------------------------------------------------------------------------------------
-# Pure pieces: optimizer, loss, one student's step, the ensemble step.
-
-
-@functools.lru_cache(maxsize=16)
-def make_optimizer(learning_rate: float = 1e-4, weight_decay: float = 1e-5):
-    """Adam with L2 weight decay, as PyTorch's ``Adam(lr, weight_decay=wd)``.
-
-    Cached: equal arguments return the same (hashable) object, so the jitted steps built from
-    it are compiled once per process.
-
-    PyTorch adds ``wd · θ`` to the gradient *before* the moment estimates (L2 regularisation,
-    rescaled by Adam like the rest of the gradient), unlike AdamW's decoupled decay; the paper's
-    "Adam, weight decay 1e-5" is read this way. Eps 1e-8 and β = (0.9, 0.999) match PyTorch.
-    """
-    return optax.chain(optax.add_decayed_weights(weight_decay), optax.adam(learning_rate))
-
-
-def student_loss(
-    student: PatchNet, params: PyTree, images: jax.Array, targets: jax.Array, padding="reflect"
-) -> jax.Array:
-    """One student's loss: mean over images and pixels of the squared L2 error.
-
-    Args:
-      student: the student network.
-      params: its variables.
-      images: ``[B, H, W, C]``.
-      targets: ``[B, H, W, D]`` normalised teacher descriptors (float32).
-
-    Returns:
-      Scalar float32.
-    """
-    predictions = dense_apply(student, params, images, padding=padding).astype(jnp.float32)
-    return jnp.mean(jnp.sum(jnp.square(predictions - targets), axis=-1))
-
-
-def student_step(student, tx, params, opt_state, images, targets, padding="reflect"):
-    """One Adam step of one student (ensemble-unaware).
-
-    Returns:
-      ``(params, opt_state, loss)``; ``loss`` is the loss before the update.
-    """
-    loss, grads = jax.value_and_grad(student_loss, argnums=1)(
-        student, params, images, targets, padding
-    )
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
-
-def init_students(
-    student: PatchNet,
-    tx,
-    key: jax.Array,
-    num_students: int,
-    channels: int,
-    sharding: jax.sharding.Sharding | None = None,
-):
-    """M independently initialised students and their optimizer states.
-
-    Args:
-      student: the network.
-      tx: the optimizer.
-      key: typed PRNG key; student i uses ``jax.random.split(key, M)[i]``.
-      num_students: M.
-      channels: C of the images.
-      sharding: where the stacked result lives (e.g. split over ``"ensemble"``); ``None`` for
-        the default device.
-
-    Returns:
-      ``{"params": [M, ...], "opt_state": [M, ...]}``.
-    """
-    return _init_fn(student, tx, num_students, channels, sharding)(key)
-
-
-@functools.lru_cache(maxsize=16)
-def _init_fn(student, tx, num_students, channels, sharding):
-    sample = jnp.zeros((1, student.patch_size, student.patch_size, channels), jnp.float32)
-
-    # One compiled program: op by op, Flax's initialisers cost seconds of dispatch.
-    def init(key):
-        params = init_ensemble(student, key, num_students, sample)
-        return {"params": params, "opt_state": jax.vmap(tx.init)(params)}
-
-    return jax.jit(init, out_shardings=sharding)
-
-
-def make_train_step(
-    student: PatchNet,
-    tx,
-    *,
-    teacher: PatchNet | None = None,
-    padding: str = "reflect",
-    mesh: jax.sharding.Mesh | None = None,
-    shard_members: bool = False,
-    member_strategy: str = "auto",
-):
-    """The jitted step that updates all M students at once.
-
-    Cached: equal arguments return the same jitted function (compiled once per process).
-
-    Args:
-      student: the student network (its ``dtype`` is the compute dtype).
-      tx: the optimizer (:func:`make_optimizer`).
-      teacher: ``None`` when the caller passes cached targets; else the teacher network, run
-        inside the step on every batch.
-      padding: dense-extraction padding.
-      mesh: a ``("data", "ensemble")`` mesh: images/targets split over ``"data"``, students
-        split over ``"ensemble"`` when ``shard_members``, the teacher replicated. ``None``:
-        plain ``jax.jit`` on the default device.
-      shard_members: split the stacked students over the ``"ensemble"`` axis.
-      member_strategy: ``"vmap"`` (the members batched into one computation), ``"sequential"``
-        (one after another inside the same program) or ``"auto"`` (sequential on CPU unless
-        the members are sharded, else vmap); see :func:`ustad.scoring.resolve_member_strategy`.
-
-    Returns:
-      ``step(state, images, targets_or_teacher) -> (state, losses)`` with ``state`` as from
-      :func:`init_students` (donated), ``images`` ``[B, H, W, C]``, the third argument either
-      ``[B, H, W, D]`` cached targets (any float dtype) or
-      ``{"variables": teacher vars, "mean": [D], "std": [D]}``, and ``losses`` ``[M]``.
-    """
-    strategy = resolve_member_strategy(member_strategy, sharded=shard_members)
-    return _train_step_fn(student, tx, teacher, padding, mesh, shard_members, strategy)
-
-
-@functools.lru_cache(maxsize=16)
-def _train_step_fn(student, tx, teacher, padding, mesh, shard_members, strategy):
-    def one_student(member, images, targets):
-        params, opt_state = member
-        return student_step(student, tx, params, opt_state, images, targets, padding)
-
-    def members_step(params, opt_state, images, targets):
-        return map_members(one_student, (params, opt_state), images, targets, strategy=strategy)
-
-    def step(state, images, targets_or_teacher):
-        if teacher is None:
-            targets = targets_or_teacher.astype(jnp.float32)
-        else:
-            t = targets_or_teacher
-            targets = teacher_targets(
-                teacher, t["variables"], t["mean"], t["std"], images, padding=padding
-            )
-        params, opt_state, losses = members_step(
-            state["params"], state["opt_state"], images, targets
-        )
-        return {"params": params, "opt_state": opt_state}, losses
-
-    if mesh is None:
-        return jax.jit(step, donate_argnums=0)
-    members = shd.member_sharding(mesh, shard_members)
-    third = shd.batch_sharding(mesh) if teacher is None else shd.replicated(mesh)
-    return jax.jit(
-        step,
-        in_shardings=(members, shd.batch_sharding(mesh), third),
-        # The M losses are replicated so that every process can read them without a gather.
-        out_shardings=(members, shd.replicated(mesh)),
-        donate_argnums=0,
-    )
-
-
-# ---------------------------------------------------------------------------------------------
-# Target cache.
-
-
-def available_memory_bytes() -> int:
-    """Memory the OS can still give this process (``MemAvailable``), or total RAM."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def choose_target_cache(
-    mode: str, num_images: int, image_size: tuple[int, int], dim: int, budget_bytes: float
-) -> str:
-    """How to hold the normalised teacher targets during training.
-
-    Args:
-      mode: ``"float32"``, ``"float16"``, ``"bfloat16"``, ``"none"`` (teacher in every step) or
-        ``"auto"``: float32 if ``N·H·W·D·4`` bytes fit in the budget, else float16 if half of
-        that fits, else none. float16 before bfloat16: the targets are standardised (|t| of order
-        1–10), where float16's 10 mantissa bits (rel. error 5e-4) beat bfloat16's 7 (4e-3).
-      num_images: N training images.
-      image_size: ``(H, W)``.
-      dim: descriptor dimension D.
-      budget_bytes: host memory the cache may take.
-
-    Returns:
-      One of ``"float32"``, ``"float16"``, ``"bfloat16"``, ``"none"``.
-    """
-    if mode not in CACHE_MODES:
-        raise ValueError(f"target_cache must be one of {CACHE_MODES}, got {mode!r}")
-    if mode != "auto":
-        return mode
-    full = num_images * image_size[0] * image_size[1] * dim * 4
-    if full <= budget_bytes:
-        return "float32"
-    if full / 2 <= budget_bytes:
-        return "float16"
-    return "none"
-
-
-def build_target_cache(
-    teacher: PatchNet,
-    teacher_params: PyTree,
-    images: np.ndarray,
-    *,
-    dtype,
-    batch_size: int,
-    padding: str = "reflect",
-    put=None,
-) -> np.ndarray:
-    """Normalised teacher descriptors of every image, on the host.
-
-    Args:
-      teacher: the teacher network.
-      teacher_params: ``{"variables": ..., "mean": [D], "std": [D]}``.
-      images: ``[N, H, W, C]``.
-      dtype: storage dtype (float32, float16 or bfloat16).
-      batch_size: images per teacher call.
-      padding: dense-extraction padding.
-      put: places a host batch on the devices.
-
-    Returns:
-      ``[N, H, W, D]`` of ``dtype``.
-    """
-    put = put or jnp.asarray
-    fn = _targets_fn(teacher, padding, np.dtype(dtype))
-    cache = np.empty((*images.shape[:3], teacher.out_dim), dtype)
-    for start in range(0, len(images), batch_size):
-        chunk = fn(teacher_params, put(images[start : start + batch_size]))
-        cache[start : start + len(chunk)] = shd.to_host(chunk)
-    return cache
-
-
-@functools.lru_cache(maxsize=16)
-def _targets_fn(teacher, padding, dtype):
-    def targets(t, images):
-        normalized = teacher_targets(
-            teacher, t["variables"], t["mean"], t["std"], images, padding=padding
-        )
-        return normalized.astype(dtype)
-
-    return jax.jit(targets)
-
-
-@functools.lru_cache(maxsize=16)
-def _describe_fn(module, padding):
-    """A stable function object, so :func:`descriptor_stats` reuses its compilation."""
-    return lambda variables, images: dense_apply(module, variables, images, padding=padding)
-
-
-# ---------------------------------------------------------------------------------------------
-# The trainer.
-
-
-def _teacher_from_config(config, patch_size: int, channels: int, key: jax.Array):
-    source = config.teacher_workdir
-    if source == "random":
-        # Smoke runs only: an untrained teacher still gives a well-posed regression problem.
-        module = patch_net(patch_size, widths=config.get("teacher_widths"), out_dim=config.out_dim)
-        sample = jnp.zeros((1, patch_size, patch_size, channels))
-        return module, jax.jit(module.init)(key, sample), "random"
-    from ustad.train.teacher import load_teacher
-
-    path = source.format(p=patch_size)
-    module, variables, _ = load_teacher(path)
-    return module, variables, os.path.abspath(path)
 
 
 def _put(mesh):
@@ -548,31 +291,9 @@ def _train_loop(
     """Run steps ``start_step … total_steps − 1``; returns the final state."""
     from ustad.data.pipeline import iterate_batches
 
-    cache_mode = choose_target_cache(
-        config.target_cache,
-        len(train_images),
-        tuple(train_images.shape[1:3]),
-        module.out_dim,
-        config.target_cache_max_gb * 2**30
-        if config.target_cache_max_gb
-        else 0.5 * available_memory_bytes(),
+    cache_mode, data, teacher_params = training_targets(
+        config, module, state, train_images, put=_put(mesh)
     )
-    teacher_params = {
-        "variables": state["teacher"],
-        "mean": state["target_stats"]["mean"],
-        "std": state["target_stats"]["std"],
-    }
-    data = {"image": train_images}
-    if cache_mode != "none":
-        data["target"] = build_target_cache(
-            module,
-            teacher_params,
-            train_images,
-            dtype=_CACHE_DTYPES[cache_mode],
-            batch_size=config.stats_batch_size,
-            padding=config.padding,
-            put=_put(mesh),
-        )
     step_fn = make_train_step(
         student,
         tx,
@@ -647,43 +368,6 @@ def _train_loop(
 def _check_values(losses: np.ndarray, step: int) -> None:
     for i, value in enumerate(np.asarray(losses).reshape(-1)):
         check_finite(f"the loss of student {i}", float(value), step)
-
-
-def _check_compatible(meta, module, config, image_size, channels, workdir) -> None:
-    """A resumed run must continue the same problem; say what differs otherwise."""
-    expected = {
-        "patch_size": module.patch_size,
-        "num_students": int(config.num_students),
-        "image_size": list(image_size),
-        "channels": int(channels),
-    }
-    for name, value in expected.items():
-        if name in meta and meta[name] != value:
-            raise ValueError(
-                f"{workdir} holds a run with {name}={meta[name]}, but this run has {value}; "
-                f"use a new workdir"
-            )
-
-
-def _score_params(state) -> PyTree:
-    """The training state's parts that scoring needs, as :class:`ScaleModel` holds them."""
-    return {
-        "teacher": state["teacher"],
-        "students": state["students"]["params"],
-        "mean": state["target_stats"]["mean"],
-        "std": state["target_stats"]["std"],
-    }
-
-
-def _scale_model(module, state, normalization, image_size, channels, config) -> ScaleModel:
-    return ScaleModel(
-        network=module,
-        params=shd.to_host(_score_params(state)),
-        normalization=normalization,
-        image_size=tuple(image_size),
-        channels=int(channels),
-        padding=config.padding,
-    )
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike):
