@@ -105,3 +105,21 @@ def test_bad_files_name_what_is_wrong(trained, tmp_path):
         teacher.load_teacher(corrupt)
     with pytest.raises(FileNotFoundError, match="no teacher"):
         teacher.load_teacher(tmp_path / "absent")
+
+
+def test_students_config_takes_a_teacher_by_name(trained, tmp_path, monkeypatch):
+    import jax
+    import ml_collections
+
+    from ustad.train import student_targets
+
+    monkeypatch.setenv("USTAD_TEACHERS", str(tmp_path))
+    teacher_files.export_teacher(trained, tmp_path / "mine.teacher.npz")
+    config = ml_collections.ConfigDict({"teacher_workdir": "mine"})
+    module, variables, source = student_targets._teacher_from_config(
+        config, 17, 3, jax.random.key(0)
+    )
+    assert source == str((tmp_path / "mine.teacher.npz").resolve())
+    np.testing.assert_array_equal(
+        _apply(module, variables), _apply(*teacher.load_teacher(trained)[:2])
+    )

@@ -34,10 +34,11 @@ def _teacher_from_config(config, patch_size: int, channels: int, key: jax.Array)
         sample = jnp.zeros((1, patch_size, patch_size, channels))
         return module, jax.jit(module.init)(key, sample), "random"
     from ustad.train.teacher import load_teacher
+    from ustad.train.teacher_files import resolve_teacher
 
     path = source.format(p=patch_size)
     module, variables, _ = load_teacher(path)
-    return module, variables, os.path.abspath(path)
+    return module, variables, str(resolve_teacher(path).resolve())
 
 
 @functools.lru_cache(maxsize=16)
