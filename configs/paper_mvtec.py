@@ -11,9 +11,10 @@
   and category plus the teachers once.
 * ``reduced``: the same pipeline at 128×128, p = 33 only, 20 epochs, a 5,000-step teacher: the
   schedule a CPU can finish in a few hours. The table states which schedule produced it.
-* ``cpu``: what 2 CPU cores finish in about half an hour for one category: 128×128, p = 33 only
-  (at 128² p = 33 sees the same share of the object as the paper's p = 65 at 256²), M = 3,
-  2 epochs, and a teacher given by ``--config.teacher_workdir`` (RESULTS.md: 3,000 steps).
+* ``cpu``: what 2 CPU cores finish in about 40 minutes for one category (bottle: 41 min):
+  128×128, p = 33 only (at 128² p = 33 sees the same share of the object as the paper's p = 65
+  at 256²), M = 3, 2 epochs, and a teacher given by ``--config.teacher_workdir`` (RESULTS.md:
+  3,000 steps).
 * ``smoke``: tiny networks and 2 epochs, to check the wiring (seconds).
 """
 
