@@ -41,8 +41,9 @@ def base_config() -> ml_collections.ConfigDict:
     # benchmarks/teacher_step.py for the numbers.
     config.backbone_input_size = 0
 
-    # Patches: "natural" (photos bundled with scikit-image/scikit-learn), "folder" (a folder or
-    # glob in source_path) or "tfds" (tfds_name via tfds.data_source, array_record format).
+    # Patches: "natural" (photos bundled with scikit-image/scikit-learn), "folder" (source_path:
+    # a folder tree of photos, e.g. ../shared/data/photos or ImageNet's train/, less a fixed 5 %
+    # held-out split; or a glob) or "tfds" (tfds_name via tfds.data_source, array_record).
     config.source = "natural"
     config.source_path = ""
     config.tfds_name = "imagenet2012"
@@ -50,6 +51,13 @@ def base_config() -> ml_collections.ConfigDict:
     config.tfds_data_dir = ""
     config.tfds_download = False
     config.crop_size = 0  # > p: a crop_size² region shrunk to p² (images scaled by p/crop_size)
+    # Augmentation (the paper only says "random crops"): each crop is taken at one of these
+    # resize factors of the photo (a crop covers 1×, 2× or 4× the pixels: several scales of
+    # texture and structure), mirrored left-right half the time, and its brightness, contrast
+    # and saturation scaled by factors in [1 − j, 1 + j].
+    config.crop_levels = (1.0, 0.5, 0.25)
+    config.flip = True
+    config.color_jitter = 0.1
     config.pool_size = 1024  # images in memory at a time (a larger source is visited in pools)
     config.steps_per_pool = 64
     config.loader_workers = 8

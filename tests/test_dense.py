@@ -55,7 +55,9 @@ def test_a_wrong_layout_is_detected():
 def test_dense_under_jit_and_vmap_of_members():
     module, variables = _net(17)
     images = jax.random.uniform(jax.random.key(2), (3, 20, 20, 3))
-    eager = dense_apply(module, variables, images)
+    # dense_apply jits internally; disable_jit runs it op by op for the eager reference.
+    with jax.disable_jit():
+        eager = dense_apply(module, variables, images)
     jitted = jax.jit(lambda v, x: dense_apply(module, v, x))(variables, images)
     np.testing.assert_allclose(jitted, eager, rtol=1e-5, atol=1e-6)
 
@@ -82,10 +84,32 @@ def test_unwarp_order_matches_definition():
 
 
 def test_extract_patches_centres():
-    images = jnp.arange(2 * 6 * 5, dtype=jnp.float32).reshape(2, 6, 5, 1)
-    patches = extract_patches(images, 3, padding="constant")
-    assert patches.shape == (2, 6, 5, 3, 3, 1)
-    np.testing.assert_array_equal(patches[:, :, :, 1, 1, 0], images[..., 0])
+    module, _ = _net(17)
+    images = jnp.arange(2 * 20 * 24, dtype=jnp.float32).reshape(2, 20, 24, 1)
+    patches = extract_patches(images, module, padding="constant")
+    assert patches.shape == (2, 20, 24, 17, 17, 1)
+    np.testing.assert_array_equal(patches[:, :, :, 8, 8, 0], images[..., 0])
+
+
+@pytest.mark.parametrize("method", ["multipool", "atrous"])
+@pytest.mark.parametrize("p", [17, 33, 65])
+def test_descriptor_windows_are_centred_on_their_pixels(p, method):
+    """An impulse at (r0, c0) changes exactly the descriptors whose window holds it: R rows and
+    columns of them, centred on the impulse to within half a pixel."""
+    module, variables = _net(p)
+    side = module.receptive_field
+    size, r0, c0 = 96, 45, 50
+    background = jnp.zeros((1, size, size, 3))
+    impulse = background.at[0, r0, c0].set(1.0)
+    both = jnp.concatenate([background, impulse])
+    out = dense_apply(module, variables, both, padding="constant", method=method)
+    changed = np.asarray(jnp.any(jnp.abs(out[1] - out[0]) > 1e-6, axis=-1))
+    rows, cols = np.nonzero(changed)
+    for hits, centre in ((rows, r0), (cols, c0)):
+        assert hits.max() - hits.min() + 1 == side
+        assert abs((hits.max() + hits.min()) / 2 - centre) <= 0.5
+    # The old (p−1)/2-per-side padding put p = 65's window 2.5 px off: a bound of 0.5 catches it.
+    assert rows.min() == r0 - (side - 1 - side // 2) and rows.max() == r0 + side // 2
 
 
 def test_clear_errors():

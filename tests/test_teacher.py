@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from ustad.data.images import write_png
+from ustad.models.patch_net import patch_net
 from ustad.models.pretrained import Backbone
 from ustad.train import patches, teacher
 
@@ -156,7 +157,76 @@ def test_sources_folder_tfds_and_conversions(tmp_path, monkeypatch):
     with patches.ContextSampler(
         [np.zeros((64, 80, 3), np.uint8)], 8, jax.random.key(0), scale=0.5
     ) as sampler:
-        assert sampler.pool(0)[0].shape == (32, 40, 3)
+        assert sampler.pool(0)[0][0].shape == (32, 40, 3)
+
+
+def test_photo_folder_split_is_fixed_and_disjoint(tmp_path):
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        sub = tmp_path / f"pkg{i % 3}"
+        sub.mkdir(exist_ok=True)
+        write_png(sub / f"{i}.png", rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
+    (tmp_path / "MANIFEST.tsv").write_text("not an image")
+    train = patches.photo_folder(tmp_path, split="train", holdout_fraction=0.25)
+    holdout = patches.photo_folder(tmp_path, split="holdout", holdout_fraction=0.25)
+    every = patches.photo_folder(tmp_path, split="all")
+    assert len(every) == 40 and len(train) + len(holdout) == 40
+    assert not set(train.names) & set(holdout.names) and 3 <= len(holdout) <= 17
+    # The split depends on each file's own path only: new files never move old ones.
+    write_png(tmp_path / "pkg0" / "new.png", rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
+    again = patches.photo_folder(tmp_path, split="holdout", holdout_fraction=0.25)
+    assert set(holdout.names) <= set(again.names)
+    assert train[0].shape == (8, 8, 3) and train[0].dtype == np.float32
+    with pytest.raises(FileNotFoundError, match="missing"):
+        patches.photo_folder(tmp_path / "missing")
+
+
+def test_context_sampler_levels_flips_and_jitter():
+    image = (np.arange(64 * 96 * 3) % 251).reshape(64, 96, 3).astype(np.uint8)
+    small = np.zeros((20, 20, 3), np.uint8)  # too small for the 0.25 level: kept at 1 and 0.5
+    with patches.ContextSampler(
+        [image, small], 9, jax.random.key(0), levels=(1.0, 0.5, 0.25)
+    ) as sampler:
+        pyramids = sampler.pool(0)
+        assert [x.shape for x in pyramids[0]] == [(64, 96, 3), (32, 48, 3), (16, 24, 3)]
+        assert [x.shape for x in pyramids[1]] == [(20, 20, 3), (10, 10, 3)]
+        crops = sampler.sample(0, 512)
+    # Each crop is a window of one level; every level is drawn.
+    levels_hit = set()
+    for crop in crops[:64]:
+        for k, level in enumerate(pyramids[0] + pyramids[1]):
+            level = level.astype(np.float32) / 255.0
+            h, w = level.shape[:2]
+            if any(
+                np.array_equal(level[y : y + 9, x : x + 9], crop)
+                for y in range(h - 8)
+                for x in range(w - 8)
+            ):
+                levels_hit.add(k)
+                break
+        else:
+            raise AssertionError("a crop is not a window of any level")
+    assert len(levels_hit) >= 3
+
+    # Flips mirror crops (same positions: the flip is drawn after them); jitter stays in range
+    # and is deterministic.
+    plain = patches.ContextSampler([image], 9, jax.random.key(1)).sample(5, 64)
+    flipped = patches.ContextSampler([image], 9, jax.random.key(1), flip=True).sample(5, 64)
+    mirrored = [
+        np.array_equal(f, p[:, ::-1]) and not np.array_equal(f, p)
+        for f, p in zip(flipped, plain, strict=True)
+    ]
+    unchanged = [np.array_equal(f, p) for f, p in zip(flipped, plain, strict=True)]
+    assert all(m or u for m, u in zip(mirrored, unchanged, strict=True))
+    assert 16 < sum(mirrored) < 48
+    jitter = patches.ContextSampler([image], 9, jax.random.key(1), color_jitter=0.2)
+    jittered = jitter.sample(5, 64)
+    np.testing.assert_array_equal(jittered, jitter.sample(5, 64))
+    assert jittered.min() >= 0 and jittered.max() <= 1 and not np.allclose(jittered, plain)
+    ratio = jittered.mean(axis=(1, 2, 3)) / np.maximum(plain.mean(axis=(1, 2, 3)), 1e-6)
+    assert np.all((ratio > 0.6) & (ratio < 1.45))
+    with pytest.raises(ValueError, match="levels"):
+        patches.ContextSampler([image], 9, jax.random.key(1), levels=(2.0,))
 
 
 def test_perturb_identity_and_statistics():
@@ -224,6 +294,42 @@ def test_mean_features_is_the_mean_of_p_over_batches():
     np.testing.assert_allclose(mean, expected, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("p", [17, 33, 65])
+def test_p_sees_exactly_the_window_that_reaches_the_teacher(p):
+    """Changing every pixel outside teacher_window leaves T̂'s output as it is; changing the
+    window's last row or column alone changes it."""
+    module = patch_net(p, out_dim=4, widths=1 / 32)
+    variables = module.init(_key(0), jnp.zeros((1, p, p, 3)))
+    rng = np.random.default_rng(p)
+    patch = rng.random((1, p, p, 3)).astype(np.float32)
+    side = teacher.teacher_window(jnp.asarray(patch), module).shape[1]
+    assert side == {17: 17, 33: 32, 65: 60}[p]
+    apply = jax.jit(module.apply)
+    base = np.asarray(apply(variables, patch))
+    outside = rng.random(patch.shape).astype(np.float32)
+    outside[:, :side, :side] = patch[:, :side, :side]
+    np.testing.assert_array_equal(np.asarray(apply(variables, outside)), base)
+    for edge in (np.s_[:, side - 1, :side], np.s_[:, :side, side - 1]):
+        changed = patch.copy()
+        changed[edge] = 1.0 - changed[edge]
+        assert not np.allclose(np.asarray(apply(variables, changed)), base)
+
+
+def test_training_shows_p_the_teacher_window(tmp_path):
+    seen = []
+
+    def features(variables, images):
+        seen.append(images.shape)  # at trace time
+        return _tiny_features(variables, images)
+
+    backbone = Backbone(_TINY_P, _tiny_backbone().variables, features, 8)
+    config = _config(num_steps=2, checkpoint_every_steps=0)
+    config.patch_size = 33
+    _, _, meta = _train(tmp_path, config, backbone=backbone)
+    assert seen and all(shape[1:3] == (32, 32) for shape in seen)
+    assert meta["backbone_window"] == 32 and "32×32 window" in meta["backbone_input"]
+
+
 # ---------------------------------------------------------------------------------------------
 # The trainer.
 
@@ -289,7 +395,7 @@ def test_smoke_run_lowers_loss_and_resume_is_exact(tmp_path, monkeypatch):
     jax.tree.map(np.testing.assert_array_equal, variables, full)
     for name in ("patch_size", "out_dim", "layers", "channels", "backbone", "backbone_input"):
         assert loaded_meta[name] == json.loads(json.dumps(meta[name]))
-    assert loaded_meta["backbone_input"] == "native p×p patch"
+    assert loaded_meta["backbone_input"] == "T̂'s native 17×17 window"
     patch = jnp.asarray(_images(1)[0][None, :17, :17])
     np.testing.assert_allclose(loaded.apply(variables, patch), module.apply(full, patch))
     # P is not trained: only T̂ and D have parameters and optimizer state.
@@ -325,7 +431,8 @@ def test_smoke_config_runs_on_the_natural_photos_gray_with_resized_p_input(tmp_p
     # T̂ sees one channel; the tiny P (a 3-channel conv) must have seen three.
     assert variables["params"]["conv1"]["kernel"].shape[2] == 1
     assert meta["backbone_input"] == (
-        "p×p patch resized to 24×24 (bilinear, antialiased); grayscale repeated to 3 channels"
+        "T̂'s 17×17 window resized to 24×24 (bilinear, antialiased); grayscale repeated to 3 "
+        "channels"
     )
     records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert config.lambda_m > 0 and all(r["triplet"] > 0 for r in records)

@@ -10,6 +10,15 @@ patch network once per pixel. Two exact methods share one entry point:
   output is already in H×W order.
 
 Both equal per-patch evaluation up to float rounding (tests/test_dense.py).
+
+**Alignment.** A p×p patch net sees only its top-left R×R pixels, R = ``module.receptive_field``
+(17 for p = 17; the floor of 2×2 pooling on odd sides makes it 32 for p = 33 and 60 for p = 65).
+The image is padded by ``a = R // 2`` rows/columns at the top/left and ``p − 1 − a`` at the
+bottom/right, so the descriptor of pixel (r, c) sees rows r − a … r − a + R − 1: centred exactly
+on the pixel for odd R (p = 17) and half a pixel up-left of it for even R (p = 33: r − 16 … r + 15;
+p = 65: r − 30 … r + 29), the closest a window of even side can be. (Padding (p − 1)/2 on every
+side, as the paper's "pad by (p−1)/2" reads, would centre p = 65's window 2.5 px up-left of its
+pixel, offsetting its maps from the masks and from the other scales in a multi-scale average.)
 """
 
 from __future__ import annotations
@@ -58,10 +67,10 @@ def check_dense_inputs(module: PatchNet, variables, images_shape, *, patch_size,
             f"pooling strides for p={patch_size}); resize or crop to e.g. "
             f"{-(-height // stride) * stride}×{-(-width // stride) * stride}"
         )
-    half = (patch_size - 1) // 2
+    half = max(padding_widths(module))
     if padding in ("reflect", "symmetric") and (height <= half or width <= half):
         raise ValueError(
-            f"{padding!r} padding by {half} needs images larger than {half} pixels, got "
+            f"{padding!r} padding by up to {half} needs images larger than {half} pixels, got "
             f"{height}×{width}; use padding='constant' or 'edge'"
         )
     expected = _input_channels(variables)
@@ -70,6 +79,18 @@ def check_dense_inputs(module: PatchNet, variables, images_shape, *, patch_size,
             f"images have {channels} channels but the network's first convolution expects "
             f"{expected}; convert the images (e.g. grayscale↔RGB) or use a matching network"
         )
+
+
+def padding_widths(module: PatchNet) -> tuple[int, int]:
+    """``(before, after)`` padding of each spatial axis for ``module`` (see the module
+    docstring): ``before = R // 2``, ``after = p − 1 − before``; their sum is p − 1."""
+    before = module.receptive_field // 2
+    return before, module.patch_size - 1 - before
+
+
+def _pad(images: jax.Array, module: PatchNet, padding: str) -> jax.Array:
+    before, after = padding_widths(module)
+    return jnp.pad(images, ((0, 0), (before, after), (before, after), (0, 0)), mode=padding)
 
 
 def unwarp(stacked: jax.Array, batch: int, strides: tuple[int, ...]) -> jax.Array:
@@ -102,8 +123,7 @@ def unwarp(stacked: jax.Array, batch: int, strides: tuple[int, ...]) -> jax.Arra
 @functools.partial(jax.jit, static_argnames=("module", "padding", "method"))
 def _dense(module: PatchNet, variables, images, padding: str, method: str):
     batch, height, width, _ = images.shape
-    half = (module.patch_size - 1) // 2
-    padded = jnp.pad(images, ((0, 0), (half, half), (half, half), (0, 0)), mode=padding)
+    padded = _pad(images, module, padding)
     if method == "atrous":
         # The floor of odd-sized poolings makes the true receptive field smaller than p (32 of
         # 33, 60 of 65): the extra rows at the end belong to no patch.
@@ -133,12 +153,14 @@ def dense_apply(
       variables: its variables (``{"params": ...}``).
       images: ``[N, H, W, C]``; H and W multiples of ``module.stride`` (8 for p=65, 4 for p=33).
       patch_size: p; checked against the module when given.
-      padding: how the image is padded by (p−1)/2 on each side (numpy.pad mode name).
+      padding: how the image is padded (p − 1 in all per axis, see :func:`padding_widths`;
+        a numpy.pad mode name).
       method: ``"multipool"`` or ``"atrous"``; ``None`` uses :data:`DEFAULT_METHOD`.
 
     Returns:
-      ``[N, H, W, out_dim]``: the descriptor of the p×p patch centred at each pixel (for even
-      offsets, top-left of centre: the patch of pixel (r, c) is ``padded[r:r+p, c:c+p]``).
+      ``[N, H, W, out_dim]``: the descriptor of the p×p patch ``padded[r:r+p, c:c+p]`` of each
+      pixel (r, c), whose R×R window is centred on the pixel to within half a pixel (module
+      docstring, :func:`padding_widths`).
     """
     method = method or DEFAULT_METHOD
     check_dense_inputs(
@@ -152,17 +174,19 @@ def dense_apply(
     return _dense(module, variables, images, padding, method)
 
 
-def extract_patches(images: jax.Array, patch_size: int, padding: str = "reflect") -> jax.Array:
-    """Every p×p patch of the padded images, for per-patch reference evaluation.
+def extract_patches(images: jax.Array, module: PatchNet, padding: str = "reflect") -> jax.Array:
+    """Every p×p patch of the images padded as :func:`dense_apply` pads them, for per-patch
+    reference evaluation.
 
     Args:
       images: ``[N, H, W, C]``.
+      module: the patch network (its p and receptive field fix the padding).
 
     Returns:
       ``[N, H, W, p, p, C]`` (memory grows with p²: use on small images).
     """
-    half = (patch_size - 1) // 2
-    padded = jnp.pad(images, ((0, 0), (half, half), (half, half), (0, 0)), mode=padding)
+    patch_size = module.patch_size
+    padded = _pad(images, module, padding)
     _, height, width, _ = images.shape
     rows = jnp.arange(height)[:, None] + jnp.arange(patch_size)[None, :]  # [H, p]
     cols = jnp.arange(width)[:, None] + jnp.arange(patch_size)[None, :]  # [W, p]
@@ -182,7 +206,7 @@ def per_patch_apply(
     """
     batch, height, width, channels = images.shape
     p = module.patch_size
-    patches = extract_patches(images, p, padding).reshape(-1, p, p, channels)
+    patches = extract_patches(images, module, padding).reshape(-1, p, p, channels)
     apply = jax.jit(lambda v, x: module.apply(v, x))
     outs = [apply(variables, patches[i : i + chunk]) for i in range(0, patches.shape[0], chunk)]
     return jnp.concatenate(outs).reshape(batch, height, width, -1)

@@ -4,12 +4,16 @@ Three kinds of image source, all a random-access sequence of ``[H, W, C]`` image
 
 * in-memory arrays (:func:`natural_photos` gives the photos bundled with scikit-image and
   scikit-learn, the default when ImageNet is not at hand);
-* image folders or glob patterns (:func:`image_files`, read lazily);
+* image folders or glob patterns (:func:`image_files`, read lazily); :func:`photo_folder` reads
+  a folder tree of photographs (such as ``../shared/data/photos`` or ImageNet's ``train/``) with
+  a fixed held-out split that training never sees;
 * a TFDS dataset such as ``imagenet2012`` or ``imagenette`` through ``tfds.data_source``
   (:func:`tfds_images`, random access without TensorFlow).
 
 :class:`ContextSampler` draws random crops from a pool of images held in memory; a source larger
 than the pool is visited pool by pool, each pool a seeded random subset loaded in the background.
+Crops are drawn at several scales (each pool image is kept at a few resize factors, ``levels``),
+optionally flipped left-right and colour-jittered (brightness, contrast, saturation).
 A crop is a *context*: the p×p patch plus a margin, so that the positive p⁺ (a slightly shifted,
 zoomed and noisy copy) can be resampled around the same centre on the device by
 :func:`perturb`, vectorised over the batch. Everything is a function of ``(key, step)``: a
@@ -19,9 +23,11 @@ resumed run draws exactly the patches the interrupted one would have.
 from __future__ import annotations
 
 import concurrent.futures
+import hashlib
 import math
 import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -40,6 +46,7 @@ __all__ = [
     "natural_photos",
     "perturb",
     "perturbation_margin",
+    "photo_folder",
     "tfds_images",
     "to_gray",
 ]
@@ -125,6 +132,57 @@ def image_files(source: str | os.PathLike | Sequence[str | os.PathLike]) -> Lazy
     return LazyImages(len(paths), lambda i: read_image(paths[i]), names=paths)
 
 
+def _is_holdout(relative: str, fraction: float) -> bool:
+    """A fixed, content-independent split: the SHA-256 of the relative path, as a number in
+    [0, 1), below ``fraction``. Adding or removing other files never moves a file across."""
+    digest = hashlib.sha256(relative.encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
+
+
+def photo_folder(
+    root: str | os.PathLike, *, split: str = "train", holdout_fraction: float = 0.05
+) -> LazyImages:
+    """The photographs under ``root`` (recursively), read lazily, with a fixed held-out split.
+
+    Teachers train on ``split="train"``; ``"holdout"`` (≈ ``holdout_fraction`` of the files,
+    chosen by a hash of each file's path relative to ``root``) is kept for measuring how well a
+    teacher distils P on photos it never saw; ``"all"`` is every file.
+
+    Args:
+      root: a folder; every file below it with an extension in
+        ``ustad.data.images.IMAGE_EXTENSIONS`` counts.
+      split: ``"train"``, ``"holdout"`` or ``"all"``.
+      holdout_fraction: share of files held out, in [0, 1).
+
+    Returns:
+      A :class:`LazyImages` of ``[H, W, 3]`` float32 in [0, 1] (``names``: the paths).
+
+    Raises:
+      FileNotFoundError: ``root`` is not a folder or the split is empty.
+    """
+    from ustad.data.images import IMAGE_EXTENSIONS
+
+    if split not in ("train", "holdout", "all"):
+        raise ValueError(f"split must be train, holdout or all, got {split!r}")
+    if not 0 <= holdout_fraction < 1:
+        raise ValueError(f"holdout_fraction must be in [0, 1), got {holdout_fraction}")
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"photo folder {root} does not exist or is not a folder")
+    paths = []
+    for path in sorted(root.rglob("*")):
+        if path.suffix.lower() not in IMAGE_EXTENSIONS or not path.is_file():
+            continue
+        held = _is_holdout(path.relative_to(root).as_posix(), holdout_fraction)
+        if split == "all" or held == (split == "holdout"):
+            paths.append(path)
+    if not paths:
+        raise FileNotFoundError(
+            f"no images ({', '.join(IMAGE_EXTENSIONS)}) for split {split!r} under {root}"
+        )
+    return image_files(paths)
+
+
 def tfds_images(
     name: str,
     *,
@@ -193,6 +251,14 @@ class ContextSampler:
       steps_per_pool: calls of :meth:`sample` (steps) served by one pool.
       workers: threads that load a pool (image decoding releases the GIL); the next pool is
         loaded in the background while the current one serves.
+      levels: resize factors (relative to ``scale``) at which every pool image is kept; each
+        crop first picks a level uniformly, then a position uniform over that level's valid
+        crop positions. ``(1.0, 0.5, 0.25)`` makes a crop cover 1×, 2× or 4× as many original
+        pixels. A level at which an image is smaller than a crop is skipped for that image
+        (its first level is always kept, enlarged if need be).
+      flip: mirror each crop left-right with probability ½.
+      color_jitter: j ≥ 0; each crop's brightness, contrast and saturation are scaled by
+        factors uniform in [1 − j, 1 + j] (then clipped to [0, 1]). 0 turns it off.
     """
 
     def __init__(
@@ -205,9 +271,20 @@ class ContextSampler:
         pool_size: int = 1024,
         steps_per_pool: int = 64,
         workers: int = 8,
+        levels: Sequence[float] = (1.0,),
+        flip: bool = False,
+        color_jitter: float = 0.0,
     ):
         if len(images) == 0:
             raise ValueError("the image source is empty")
+        levels = tuple(float(level) for level in levels)
+        if not levels or any(not 0 < level <= 1 for level in levels):
+            raise ValueError(f"levels must be resize factors in (0, 1], got {levels}")
+        if not 0 <= color_jitter < 1:
+            raise ValueError(f"color_jitter must be in [0, 1), got {color_jitter}")
+        self.levels = levels
+        self.flip = bool(flip)
+        self.color_jitter = float(color_jitter)
         if size < 1 or scale <= 0:
             raise ValueError(f"need size >= 1 and scale > 0, got size={size}, scale={scale}")
         self.images = images
@@ -237,24 +314,35 @@ class ContextSampler:
         rng = numpy_rng(jax.random.fold_in(jax.random.fold_in(self.key, _POOL_TAG), pool))
         return np.sort(rng.choice(len(self.images), self.pool_size, replace=False))
 
-    def _prepare(self, index: int) -> np.ndarray:
-        image = _as_rgb(np.asarray(self.images[index]))
+    def _resized(self, image: np.ndarray, scale: float) -> np.ndarray:
         height, width = image.shape[:2]
-        scale = max(self.scale, self.size / min(height, width))
         if scale != 1.0:
-            # Only images too small for one crop are enlarged beyond `self.scale`.
             size = (max(self.size, round(height * scale)), max(self.size, round(width * scale)))
             resized = resize_image(_as_float(image), size)
-            image = np.rint(resized * 255).astype(np.uint8) if image.dtype == np.uint8 else resized
-        elif image.dtype != np.uint8:
-            image = _as_float(image)
-        return image
+            return np.rint(resized * 255).astype(np.uint8) if image.dtype == np.uint8 else resized
+        return image if image.dtype == np.uint8 else _as_float(image)
 
-    def _load_pool(self, pool: int) -> list[np.ndarray]:
+    def _prepare(self, index: int) -> list[np.ndarray]:
+        """The image of source index ``index`` at every level it is large enough for."""
+        image = _as_rgb(np.asarray(self.images[index]))
+        short = min(image.shape[:2])
+        out = []
+        for k, level in enumerate(self.levels):
+            scale = self.scale * level
+            if short * scale < self.size:
+                if k:
+                    continue
+                # Only images too small for one crop are enlarged beyond `self.scale`.
+                scale = self.size / short
+            out.append(self._resized(image, scale))
+        return out
+
+    def _load_pool(self, pool: int) -> list[list[np.ndarray]]:
         return list(self._loaders.map(self._prepare, self.pool_members(pool)))
 
-    def pool(self, pool: int) -> list[np.ndarray]:
-        """The prepared ``[H_i, W_i, 3]`` images of pool ``pool``; starts loading the next."""
+    def pool(self, pool: int) -> list[list[np.ndarray]]:
+        """The prepared images of pool ``pool``, each a list of ``[H, W, 3]`` arrays (one per
+        level it is large enough for); starts loading the next pool."""
         if pool not in self._pools:
             self._pools[pool] = self._background.submit(self._load_pool, pool)
         if not self.single_pool and pool + 1 not in self._pools:
@@ -275,13 +363,22 @@ class ContextSampler:
         Returns:
           ``[B, size, size, 3]`` float32 in [0, 1].
         """
-        images = self.pool(self.pool_index(step))
+        pyramids = self.pool(self.pool_index(step))
         rng = numpy_rng(jax.random.fold_in(self.key if key is None else key, step))
-        valid = np.array(
-            [(x.shape[0] - self.size + 1) * (x.shape[1] - self.size + 1) for x in images],
-            np.float64,
-        )
-        which = rng.choice(len(images), size=batch_size, p=valid / valid.sum())
+        # (image, level) pairs; every level gets the same total probability and, within a
+        # level, an image's share is its number of valid crop positions.
+        images, weights = [], []
+        for level in range(len(self.levels)):
+            members = [pyramid[level] for pyramid in pyramids if len(pyramid) > level]
+            valid = np.array(
+                [(x.shape[0] - self.size + 1) * (x.shape[1] - self.size + 1) for x in members],
+                np.float64,
+            )
+            if valid.sum() > 0:
+                images += members
+                weights.append(valid / valid.sum())
+        probabilities = np.concatenate(weights) / len(weights)
+        which = rng.choice(len(images), size=batch_size, p=probabilities)
         tops = rng.random(batch_size)
         lefts = rng.random(batch_size)
         out = np.empty((batch_size, self.size, self.size, 3), np.float32)
@@ -293,6 +390,12 @@ class ContextSampler:
             left = int(lefts[k] * (image.shape[1] - self.size + 1))
             crop = image[top : top + self.size, left : left + self.size]
             out[k] = crop / 255.0 if crop.dtype == np.uint8 else crop
+        # Drawn after the positions, so a sampler without augmentation keeps its old stream.
+        if self.flip:
+            mirrored = rng.random(batch_size) < 0.5
+            out[mirrored] = out[mirrored, :, ::-1]
+        if self.color_jitter:
+            out = _jitter(out, rng.uniform(-1, 1, (3, batch_size)) * self.color_jitter)
         return out
 
     def close(self) -> None:
@@ -305,6 +408,18 @@ class ContextSampler:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _jitter(crops: np.ndarray, amounts: np.ndarray) -> np.ndarray:
+    """Brightness, contrast and saturation of ``[B, h, w, 3]`` crops scaled by ``1 + amounts``
+    (``[3, B]``), clipped to [0, 1]."""
+    brightness, contrast, saturation = (1.0 + amounts[:, :, None, None, None]).astype(np.float32)
+    crops = crops * brightness
+    mean = crops.mean(axis=(1, 2, 3), keepdims=True)
+    crops = (crops - mean) * contrast + mean
+    gray = crops @ np.asarray(_LUMA, np.float32)
+    crops = gray[..., None] + (crops - gray[..., None]) * saturation
+    return np.clip(crops, 0.0, 1.0)
 
 
 def perturbation_margin(patch_size: int, max_shift: float, zoom: float) -> int:

@@ -46,6 +46,7 @@ from ustad.train.teacher_steps import (
     make_optimizer,
     make_train_step,
     mean_features,
+    teacher_window,
     train_apply,
 )
 
@@ -58,6 +59,7 @@ __all__ = [
     "make_train_step",
     "mean_features",
     "train_and_evaluate",
+    "teacher_window",
     "train_apply",
 ]
 
@@ -128,7 +130,12 @@ def _images_from_config(config) -> tuple[Sequence[np.ndarray], str]:
     if source == "natural":
         return patches_lib.natural_photos(), "natural photos (scikit-image, scikit-learn)"
     if source == "folder":
-        return patches_lib.image_files(config.source_path), f"images {config.source_path}"
+        path = config.source_path
+        if os.path.isdir(path):
+            # A folder tree of photos, less its fixed held-out split (kept for the probes).
+            images = patches_lib.photo_folder(path, split="train")
+            return images, f"photo folder {path} (train split, {len(images)} images)"
+        return patches_lib.image_files(path), f"images {path}"
     if source == "tfds":
         images = patches_lib.tfds_images(
             config.tfds_name,
@@ -192,6 +199,7 @@ def train_and_evaluate(
     total_steps = config.num_steps
 
     teacher = patch_net(p, out_dim=config.out_dim, widths=config.widths)
+    window = teacher.receptive_field
     decoder = nn.Dense(backbone.feature_dim)
     tx = make_optimizer(config.learning_rate, config.weight_decay)
     # threefry (JAX's default) is the portable choice; "rbg" compiles several times faster on
@@ -223,12 +231,14 @@ def train_and_evaluate(
         "backbone": backbone_name,
         "feature_dim": backbone.feature_dim,
         "backbone_input": (
-            f"p×p patch resized to {input_size}×{input_size} (bilinear, antialiased)"
+            f"T̂'s {window}×{window} window resized to {input_size}×{input_size} (bilinear, "
+            "antialiased)"
             if input_size
-            else "native p×p patch"
+            else f"T̂'s native {window}×{window} window"
         )
         + ("; grayscale repeated to 3 channels" if channels == 1 else ""),
         "backbone_input_size": input_size or 0,
+        "backbone_window": window,
         "crop_size": crop_size,
         "source": source_name,
         "total_steps": total_steps,
@@ -243,6 +253,9 @@ def train_and_evaluate(
         pool_size=config.pool_size,
         steps_per_pool=config.steps_per_pool,
         workers=config.loader_workers,
+        levels=tuple(config.get("crop_levels", (1.0,))),
+        flip=config.get("flip", False),
+        color_jitter=config.get("color_jitter", 0.0),
     )
     perturb_key = jax.random.fold_in(key, 2)
     # On the device once, not transferred with every step.
@@ -274,7 +287,7 @@ def train_and_evaluate(
             bias = mean_features(
                 backbone.features_fn,
                 backbone_variables,
-                patches_lib.center_crop(crops, p),
+                teacher_window(patches_lib.center_crop(crops, p), teacher),
                 channels=channels,
                 backbone_input_size=input_size,
             )

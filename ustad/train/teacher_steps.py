@@ -126,8 +126,17 @@ def train_apply(module: PatchNet, variables: PyTree, patches: jax.Array) -> jax.
     return x[:, 0, 0, :]
 
 
+def teacher_window(patches: jax.Array, teacher: PatchNet) -> jax.Array:
+    """The pixels of ``[B, p, p, C]`` patches that reach T̂'s output: the top-left R×R with
+    R = ``teacher.receptive_field`` (17 of 17, 32 of 33, 60 of 65; the floor of 2×2 pooling on
+    odd sides drops the last row and column). P is shown exactly this window, so that T̂ is
+    never asked to predict P's view of pixels it cannot see."""
+    side = teacher.receptive_field
+    return patches[:, :side, :side]
+
+
 def _backbone_inputs(anchors: jax.Array, channels: int, input_size: int | None) -> jax.Array:
-    """``[B, p, p, 3]`` RGB anchors -> what P sees: gray repeated to 3 channels when T̂ is a
+    """``[B, R, R, 3]`` RGB windows -> what P sees: gray repeated to 3 channels when T̂ is a
     1-channel teacher (so P describes exactly what T̂ sees), resized if ``input_size``."""
     if channels == 1:
         anchors = jnp.repeat(patches_lib.to_gray(anchors), 3, axis=-1)
@@ -164,7 +173,8 @@ def make_train_step(
       features_fn: P, pure ``(variables, images [N, H, W, 3] in [0, 1]) -> [N, F]``.
       tx: the optimizer (:func:`make_optimizer`).
       channels: 3, or 1 for a grayscale teacher (T̂ sees luma; P sees luma repeated).
-      backbone_input_size: resize patches to this side before P; ``None``: native p×p.
+      backbone_input_size: resize P's window (:func:`teacher_window`) to this side before P;
+        ``None``: native size.
       loss_weights: ``(λ_k, λ_m, λ_c)``; a zero weight skips its term's computation.
       margin: triplet margin δ.
       compactness_mode: see :func:`ustad.losses.compactness_loss`.
@@ -208,7 +218,9 @@ def make_train_step(
             targets = jax.lax.stop_gradient(
                 features_fn(
                     backbone_variables,
-                    _backbone_inputs(anchors, channels, backbone_input_size),
+                    _backbone_inputs(
+                        teacher_window(anchors, teacher), channels, backbone_input_size
+                    ),
                 )
             )
             decoded = decoder.apply(params["decoder"], anchor_desc)
@@ -254,7 +266,7 @@ def mean_features(
     Args:
       features_fn: P.
       backbone_variables: its variables.
-      patches: ``[N, p, p, 3]`` in [0, 1].
+      patches: ``[N, R, R, 3]`` in [0, 1]: the windows P sees (:func:`teacher_window`).
       channels: the teacher's input channels (1: P sees gray patches).
       backbone_input_size: as in :func:`make_train_step`.
       batch_size: patches per call of P.
