@@ -20,6 +20,9 @@ from __future__ import annotations
 
 import ml_collections
 
+SMALL_WIDTHS = 0.125
+SMALL_OUT_DIM = 32
+
 
 def base_config() -> ml_collections.ConfigDict:
     """The paper's settings; every other config starts from these."""
@@ -27,7 +30,8 @@ def base_config() -> ml_collections.ConfigDict:
     # T̂: the paper's patch network for p; widths None = paper widths (a float scales them).
     config.patch_size = 65
     config.out_dim = 128
-    config.widths = None
+    # A placeholder, so that --config.widths=0.125 can override it on the command line.
+    config.widths = ml_collections.config_dict.placeholder(float)
     config.channels = 3  # 1: grayscale teacher (T̂ sees luma; P sees it repeated to RGB)
 
     # P: an ImageNet network. The paper uses ResNet-18 (512-d), whose weights need a download;
@@ -76,6 +80,9 @@ def base_config() -> ml_collections.ConfigDict:
     # D's initialisation (not in the paper): "mean" = zero kernel and bias = P's mean feature
     # over 256 patches, so L_k starts at the variance of P's features; "default" = Flax's.
     config.init_decoder = "mean"
+    # Continue a teacher file or name (T̂, D and its step count; Adam restarts), e.g. to train a
+    # shipped teacher further: --config.init_from=p33 --config.num_steps=40000.
+    config.init_from = ""
 
     # Optimisation (paper): Adam 2e-4, weight decay 1e-5 (L2, as PyTorch), 64 patches, 50k steps.
     config.learning_rate = 2e-4
@@ -101,6 +108,8 @@ def get_config(arg: str = "p65") -> ml_collections.ConfigDict:
       configs/teacher.py:p65 --workdir runs/teacher_p65`` (the students' configs expect
       ``runs/teacher_p{p}``). Runtime: see the module docstring (hours on 2 CPU cores, minutes
       on one H100).
+    * ``p17_small``, ``p33_small``, ``p65_small``: the small family (⅛ widths, d = 32), for
+      students that train in minutes on a CPU.
     * ``smoke``: p=17 with 1/16 widths, 20 steps of 8 patches, all three losses: ``python
       scripts/train_teacher.py --config configs/teacher.py:smoke --workdir /tmp/ustad_teacher``
       runs end to end in well under a minute on CPU (EfficientNet-Lite0 from its pip package).
@@ -108,6 +117,12 @@ def get_config(arg: str = "p65") -> ml_collections.ConfigDict:
     config = base_config()
     if arg in ("p17", "p33", "p65"):
         config.patch_size = int(arg[1:])
+        return config
+    if arg in ("p17_small", "p33_small", "p65_small"):
+        # The small family for CPU users: an eighth of the paper's widths, d = 32.
+        config.patch_size = int(arg[1:3])
+        config.widths = SMALL_WIDTHS
+        config.out_dim = SMALL_OUT_DIM
         return config
     if arg == "smoke":
         config.patch_size = 17
@@ -120,4 +135,6 @@ def get_config(arg: str = "p65") -> ml_collections.ConfigDict:
         config.log_every_steps = 5
         config.loader_workers = 2
         return config
-    raise ValueError(f"unknown config {arg!r}; choose p17, p33, p65 or smoke")
+    raise ValueError(
+        f"unknown config {arg!r}; choose p17, p33, p65, p17_small, p33_small, p65_small or smoke"
+    )

@@ -36,7 +36,7 @@ def test_export_round_trip_by_path_and_by_name(trained, tmp_path, monkeypatch):
         teacher_files.read_teacher_file(path, sha256="0" * 64)
 
     monkeypatch.setenv("USTAD_TEACHERS", str(tmp_path / "named"))
-    with pytest.raises(FileNotFoundError, match="names there: none"):
+    with pytest.raises(FileNotFoundError, match=r"shipped teachers \(names: "):
         teacher.load_teacher("tiny17")
     installed = teacher_files.install_teacher(path, "tiny17")
     assert installed == tmp_path / "named" / "tiny17.teacher.npz"
@@ -123,3 +123,67 @@ def test_students_config_takes_a_teacher_by_name(trained, tmp_path, monkeypatch)
     np.testing.assert_array_equal(
         _apply(module, variables), _apply(*teacher.load_teacher(trained)[:2])
     )
+
+
+def test_decoder_travels_with_the_file_and_training_continues_from_it(trained, tmp_path):
+    path = tmp_path / "t.teacher.npz"
+    teacher_files.export_teacher(trained, path)
+    from_file = teacher_files.load_decoder(path)
+    from_workdir = teacher_files.load_decoder(trained)
+    assert from_file["kernel"].shape == (16, 8) and from_file["bias"].shape == (8,)
+    np.testing.assert_array_equal(from_file["kernel"], from_workdir["kernel"])
+    bare = tmp_path / "bare.teacher.npz"
+    teacher_files.export_teacher(trained, bare, with_decoder=False)
+    assert teacher_files.load_decoder(bare) is None
+
+    # Continue the 4-step file to 6 steps in a new workdir: it starts at step 4.
+    continued = tmp_path / "continued"
+    _, variables, meta = _train(continued, _config(num_steps=6, init_from=str(path)))
+    assert meta["step"] == 6
+    steps = [json.loads(x)["step"] for x in (continued / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [5, 6]
+    with pytest.raises(ValueError, match="already has 4 steps"):
+        _train(tmp_path / "again", _config(num_steps=4, init_from=str(path)))
+    with pytest.raises(ValueError, match="without its decoder"):
+        _train(tmp_path / "bare_run", _config(num_steps=6, init_from=str(bare)))
+    with pytest.raises(ValueError, match="out_dim"):
+        _train(tmp_path / "other", _config(num_steps=6, out_dim=8, init_from=str(path)))
+
+
+def test_list_teachers_and_shipped_files_are_checked(trained, tmp_path, monkeypatch):
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    record = teacher_files.export_teacher(trained, shipped / "tiny.teacher.npz", dtype="float16")
+    manifest = {"teachers": [{"name": "tiny", "sha256": record["sha256"], "au_pro": 0.5}]}
+    (shipped / "MANIFEST.json").write_text(json.dumps(manifest))
+    installed = tmp_path / "installed"
+    monkeypatch.setenv("USTAD_TEACHERS", str(installed))
+    monkeypatch.setattr(teacher_files, "shipped_dir", lambda: shipped)
+    listed = teacher_files.list_teachers()
+    assert [(t["name"], t["origin"]) for t in listed] == [("tiny", "shipped")]
+    assert listed[0]["patch_size"] == 17 and listed[0]["out_dim"] == 16
+    assert listed[0]["steps"] == 4 and listed[0]["au_pro"] == 0.5
+    assert teacher.load_teacher("tiny")[2]["step"] == 4
+    # An installed teacher of the same name wins.
+    teacher_files.install_teacher(shipped / "tiny.teacher.npz", "tiny")
+    assert [t["origin"] for t in teacher_files.list_teachers()] == ["installed"]
+    (installed / "tiny.teacher.npz").unlink()
+    # A shipped file that does not match its manifest fails loudly.
+    data = bytearray((shipped / "tiny.teacher.npz").read_bytes())
+    data[-30] ^= 1
+    (shipped / "tiny.teacher.npz").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="SHA-256"):
+        teacher.load_teacher("tiny")
+
+
+def test_teacher_modules_import_in_one_direction():
+    import ast
+    from pathlib import Path
+
+    source = Path(teacher_files.__file__).read_text()
+    imported = {
+        node.module
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.ImportFrom) and node.module
+    }
+    assert "ustad.train.teacher" not in imported and "ustad.train" not in imported

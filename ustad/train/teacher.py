@@ -37,9 +37,11 @@ import numpy as np
 
 from ustad.checkpointing import Checkpointer
 from ustad.metric_writer import MetricWriter, check_finite, progress
-from ustad.models.patch_net import PatchNet, layers_from_json, layers_to_json, patch_net
+from ustad.models.patch_net import PatchNet, layers_to_json, patch_net
 from ustad.models.pretrained import Backbone
 from ustad.train import patches as patches_lib
+from ustad.train import teacher_files
+from ustad.train.teacher_files import CHECKPOINT_SUBDIR, FORMAT, load_teacher
 from ustad.train.teacher_steps import (
     _backbone_inputs,  # noqa: F401  (benchmarks read it here)
     make_init,
@@ -65,60 +67,9 @@ __all__ = [
 
 PyTree = Any
 logger = logging.getLogger(__name__)
-CHECKPOINT_SUBDIR = "checkpoints"
-FORMAT = "ustad.teacher/1"
 # Checkpoint fields a resumed run must share with the run that wrote them.
 _BIAS_PATCHES = 256  # patches whose mean P feature initialises D's bias
 _RESUME_FIELDS = ("patch_size", "out_dim", "layers", "channels", "backbone", "feature_dim")
-
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoint format.
-
-
-def load_teacher(
-    workdir: str | os.PathLike, *, allow_unfinished: bool = False
-) -> tuple[PatchNet, PyTree, dict]:
-    """T̂ from the newest checkpoint of a teacher workdir, a teacher file, or a name.
-
-    Args:
-      workdir: the ``--workdir`` of :func:`train_and_evaluate`; or a file written by
-        :func:`ustad.train.teacher_files.export_teacher`; or the name of one installed in
-        :func:`ustad.train.teacher_files.teachers_dir`.
-      allow_unfinished: accept a run that stopped before its last step.
-
-    Returns:
-      ``(module, variables, metadata)``: ``module.apply(variables, patches [N, p, p, C])`` gives
-      ``[N, d]``; ``metadata`` has ``patch_size, out_dim, layers, channels, backbone,
-      backbone_input, step, total_steps, config`` and more.
-    """
-    from ustad.train import teacher_files
-
-    source = teacher_files.resolve_teacher(workdir)
-    if source.is_file():
-        return teacher_files.read_teacher_file(source)
-    directory = source / CHECKPOINT_SUBDIR
-    with Checkpointer(directory) as checkpointer:
-        restored = checkpointer.restore_latest()
-    if restored is None:
-        raise FileNotFoundError(
-            f"no teacher checkpoint in {directory}; train one with scripts/train_teacher.py"
-        )
-    step, state, meta = restored
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{directory} holds a {meta.get('format')!r} checkpoint, not {FORMAT}")
-    if step < meta["total_steps"] and not allow_unfinished:
-        raise ValueError(
-            f"the teacher in {workdir} stopped at step {step} of {meta['total_steps']}; resume "
-            f"its training or pass allow_unfinished=True"
-        )
-    module = PatchNet(
-        layers=layers_from_json(meta["layers"]),
-        patch_size=int(meta["patch_size"]),
-        out_dim=int(meta["out_dim"]),
-    )
-    variables = jax.tree.map(np.asarray, state["params"]["teacher"])
-    return module, variables, dict(meta, step=step)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,6 +229,9 @@ def train_and_evaluate(
                     )
             state, _ = checkpointer.restore(start_step, state)
             logger.info("resuming %s at step %d of %d", workdir, start_step, total_steps)
+        elif config.get("init_from", ""):
+            state, start_step = _init_from_file(config.init_from, state, meta)
+            logger.info("continuing %s from step %d of %s", workdir, start_step, config.init_from)
         elif config.get("init_decoder", "mean") == "mean" and config.lambda_k:
             # D starts as the constant predictor of P's mean feature: zero kernel, bias = the
             # mean (an initialisation the paper leaves open). At lr 2e-4 Adam moves a bias by
@@ -314,6 +268,34 @@ def train_and_evaluate(
         writer.close()
     variables = jax.tree.map(np.asarray, state["params"]["teacher"])
     return teacher, variables, dict(meta, step=total_steps)
+
+
+def _init_from_file(source, state, meta):
+    """T̂ and D from a teacher file or name, to continue its training in a new workdir (e.g. a
+    shipped teacher trained further in a later session). Adam's moments start afresh."""
+    path = teacher_files.resolve_teacher(source)
+    if not path.is_file():
+        raise ValueError(f"config.init_from must be a teacher file or name, got workdir {path}")
+    _, variables, header = teacher_files.read_teacher_file(path)
+    for name in _RESUME_FIELDS:
+        if json.loads(json.dumps(header.get(name))) != json.loads(json.dumps(meta[name])):
+            raise ValueError(
+                f"config.init_from={source} ({path}) holds a teacher with {name}="
+                f"{header.get(name)}, but this run has {meta[name]}"
+            )
+    decoder = teacher_files.load_decoder(path)
+    if decoder is None:
+        raise ValueError(f"{path} was exported without its decoder; it cannot be trained further")
+    params = {
+        "teacher": jax.tree.map(jnp.asarray, variables),
+        "decoder": {"params": jax.tree.map(jnp.asarray, decoder)},
+    }
+    start = int(header["step"])
+    if start >= meta["total_steps"]:
+        raise ValueError(
+            f"config.init_from={source} already has {start} steps; set config.num_steps above it"
+        )
+    return dict(state, params=params, opt_state=state["opt_state"]), start
 
 
 def _train_loop(
