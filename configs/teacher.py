@@ -97,6 +97,9 @@ def base_config() -> ml_collections.ConfigDict:
     config.checkpoint_every_steps = 1000
     config.keep_checkpoints = 2
     config.log_every_steps = 100
+    # > 0: also keep a float16 teacher file every this many steps in <workdir>/snapshots/, so
+    # the probes (benchmarks/teacher_quality.py) can draw quality against training length.
+    config.snapshot_every_steps = 0
     return config
 
 

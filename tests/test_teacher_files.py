@@ -136,10 +136,19 @@ def test_decoder_travels_with_the_file_and_training_continues_from_it(trained, t
     teacher_files.export_teacher(trained, bare, with_decoder=False)
     assert teacher_files.load_decoder(bare) is None
 
-    # Continue the 4-step file to 6 steps in a new workdir: it starts at step 4.
+    # Continue the 4-step file to 6 steps in a new workdir: it starts at step 4; snapshots keep
+    # a file per step asked for.
     continued = tmp_path / "continued"
-    _, variables, meta = _train(continued, _config(num_steps=6, init_from=str(path)))
+    config = _config(num_steps=6, init_from=str(path), snapshot_every_steps=1)
+    _, variables, meta = _train(continued, config)
     assert meta["step"] == 6
+    snapshots = sorted(p.name for p in (continued / "snapshots").iterdir())
+    assert snapshots == ["step_0000005.teacher.npz", "step_0000006.teacher.npz"]
+    last = teacher.load_teacher(continued / "snapshots" / snapshots[-1])
+    assert last[2]["step"] == 6
+    np.testing.assert_allclose(
+        _apply(*last[:2]), _apply(teacher.load_teacher(continued)[0], variables), atol=2e-2
+    )
     steps = [json.loads(x)["step"] for x in (continued / "metrics.jsonl").read_text().splitlines()]
     assert steps == [5, 6]
     with pytest.raises(ValueError, match="already has 4 steps"):
@@ -152,13 +161,13 @@ def test_decoder_travels_with_the_file_and_training_continues_from_it(trained, t
 
 def test_list_teachers_and_shipped_files_are_checked(trained, tmp_path, monkeypatch):
     shipped = tmp_path / "shipped"
-    shipped.mkdir()
-    record = teacher_files.export_teacher(trained, shipped / "tiny.teacher.npz", dtype="float16")
-    manifest = {"teachers": [{"name": "tiny", "sha256": record["sha256"], "au_pro": 0.5}]}
-    (shipped / "MANIFEST.json").write_text(json.dumps(manifest))
     installed = tmp_path / "installed"
     monkeypatch.setenv("USTAD_TEACHERS", str(installed))
     monkeypatch.setattr(teacher_files, "shipped_dir", lambda: shipped)
+    entry = teacher_files.ship_teacher(trained, "tiny", extra={"au_pro": 0.5})
+    assert entry["steps"] == 4 and entry["file"] == "tiny.teacher.npz"
+    manifest = json.loads((shipped / "MANIFEST.json").read_text())
+    assert [e["name"] for e in manifest["teachers"]] == ["tiny"]
     listed = teacher_files.list_teachers()
     assert [(t["name"], t["origin"]) for t in listed] == [("tiny", "shipped")]
     assert listed[0]["patch_size"] == 17 and listed[0]["out_dim"] == 16

@@ -259,6 +259,7 @@ def train_and_evaluate(
             checkpointer,
             writer,
             meta,
+            workdir / "snapshots",
         )
         if start_step < total_steps:
             checkpointer.save(total_steps, state, dict(meta, step=total_steps))
@@ -309,6 +310,7 @@ def _train_loop(
     checkpointer,
     writer,
     meta,
+    snapshot_dir,
 ):
     """Steps ``start_step … config.num_steps − 1``; returns the final state."""
     total_steps, batch_size = config.num_steps, config.batch_size
@@ -339,6 +341,18 @@ def _train_loop(
             every = config.checkpoint_every_steps
             if every and done % every == 0 and done < total_steps:
                 checkpointer.save(done, state, dict(meta, step=done))
+            snapshot = config.get("snapshot_every_steps", 0)
+            if snapshot and done % snapshot == 0:
+                # Kept for good (unlike checkpoints): the probes measure the teacher along its
+                # training curve without re-training.
+                params = jax.device_get(state["params"])
+                teacher_files.write_teacher_file(
+                    snapshot_dir / f"step_{done:07d}.teacher.npz",
+                    params["teacher"],
+                    dict(meta, step=done),
+                    dtype="float16",
+                    decoder=params["decoder"]["params"],
+                )
         if pending is not None:
             _check(*pending)
     finally:

@@ -45,8 +45,10 @@ __all__ = [
     "load_teacher",
     "read_teacher_file",
     "resolve_teacher",
+    "ship_teacher",
     "shipped_dir",
     "teachers_dir",
+    "write_teacher_file",
 ]
 
 CHECKPOINT_SUBDIR = "checkpoints"
@@ -202,17 +204,37 @@ def export_teacher(
             f"the teacher in {workdir} stopped at step {step} of {meta['total_steps']}; resume "
             f"its training or pass allow_unfinished=True"
         )
-    meta = dict(meta, step=step)
+    decoder = state["params"]["decoder"]["params"] if with_decoder else None
+    return write_teacher_file(
+        path, state["params"]["teacher"], dict(meta, step=step), dtype=dtype, decoder=decoder
+    )
+
+
+def write_teacher_file(
+    path: str | os.PathLike,
+    variables: dict,
+    meta: dict,
+    *,
+    dtype: str = "float32",
+    decoder: dict | None = None,
+) -> dict:
+    """Write T̂'s ``variables`` (and D's ``{"kernel", "bias"}``) with the trainer's metadata
+    (which must hold ``step``) as one teacher file, atomically.
+
+    Returns:
+      ``{"path", "bytes", "sha256", "parameters"}`` (parameters of T̂ only).
+    """
+    if dtype not in ("float32", "float16"):
+        raise ValueError(f"dtype must be float32 or float16, got {dtype!r}")
     header = {"format": FILE_FORMAT, "dtype": dtype}
     header.update({key: meta.get(key) for key in HEADER_FIELDS})
-    variables = jax.tree.map(np.asarray, state["params"]["teacher"])
+    variables = jax.tree.map(np.asarray, variables)
     arrays = {
         PARAM_PREFIX + name: np.asarray(value, dtype)
         for name, value in flax.traverse_util.flatten_dict(variables, sep="/").items()
     }
     parameters = int(sum(a.size for a in arrays.values()))
-    if with_decoder:
-        decoder = state["params"]["decoder"]["params"]
+    if decoder is not None:
         for name in ("kernel", "bias"):
             arrays[DECODER_PREFIX + name] = np.asarray(decoder[name], dtype)
     arrays[HEADER_KEY] = np.frombuffer(json.dumps(header).encode(), np.uint8)
@@ -384,3 +406,58 @@ def install_teacher(path: str | os.PathLike, name: str) -> Path:
     shutil.copyfile(path, temporary)
     os.replace(temporary, target)
     return target
+
+
+def ship_teacher(
+    workdir: str | os.PathLike,
+    name: str,
+    *,
+    allow_unfinished: bool = False,
+    extra: dict | None = None,
+) -> dict:
+    """Maintainers: export ``workdir`` as a shipped float16 teacher and record it in the
+    manifest (replacing an entry of the same name).
+
+    Args:
+      workdir: a teacher workdir.
+      name: the name users load it by (e.g. ``"p33"``, ``"p33_small"``).
+      allow_unfinished: ship a run that stopped early (its step is recorded).
+      extra: more manifest fields (wall time, device, probe figures).
+
+    Returns:
+      The manifest entry: ``name, file, sha256, bytes, patch_size, out_dim, widths, steps,
+      source, backbone, backbone_input`` and ``extra``.
+    """
+    if not name or os.sep in name or name.startswith("."):
+        raise ValueError(f"a teacher name is a plain file stem, got {name!r}")
+    folder = shipped_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}{SUFFIX}"
+    record = export_teacher(workdir, path, dtype="float16", allow_unfinished=allow_unfinished)
+    _, _, header = read_teacher_file(path, sha256=record["sha256"])
+    entry = {
+        "name": name,
+        "file": path.name,
+        "sha256": record["sha256"],
+        "bytes": record["bytes"],
+        "parameters": record["parameters"],
+        "patch_size": header["patch_size"],
+        "out_dim": header["out_dim"],
+        "widths": header["config"].get("widths"),
+        "steps": header["step"],
+        "batch_size": header["config"].get("batch_size"),
+        "source": header["source"],
+        "backbone": header["backbone"],
+        "backbone_input": header["backbone_input"],
+        "compactness_mode": header["config"].get("compactness_mode"),
+        "lambda_c": header["config"].get("lambda_c"),
+    }
+    entry.update(extra or {})
+    entries = {e["name"]: e for e in _manifest().values()}
+    entries[name] = entry
+    manifest = {
+        "format": "ustad-teachers-manifest/1",
+        "teachers": sorted(entries.values(), key=lambda e: e["name"]),
+    }
+    atomic_write(folder / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
+    return entry
