@@ -3,11 +3,19 @@
 A run's state (a pytree of arrays) and a small JSON dict of metadata (config, statistics, step)
 are saved together under ``<directory>/<step>``; saves are asynchronous and atomic (Orbax writes to
 a temporary folder and renames), so a killed run never leaves a half-written step, and
-:meth:`Checkpointer.restore_latest` resumes from the newest finished one.
+:meth:`Checkpointer.restore_latest` resumes from the newest finished one. A step whose files
+were damaged afterwards (a truncated file, a disk error) is skipped with a warning in favour of
+the newest one that reads back.
+
+Orbax logs ~45 INFO lines per save through absl; they are dropped unless ``USTAD_ORBAX_LOGS=1``
+(warnings and errors always pass). A checkpointer that never saved removes the empty folder it
+created, so a run that fails early leaves no empty ``checkpoints/`` behind.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 from typing import Any
 
@@ -15,6 +23,26 @@ import jax
 import orbax.checkpoint as ocp
 
 PyTree = Any
+logger = logging.getLogger(__name__)
+
+
+class _QuietOrbax(logging.Filter):
+    """Drops Orbax's INFO/DEBUG records (one per handler, thread and file of every save)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING or os.environ.get("USTAD_ORBAX_LOGS") == "1":
+            return True
+        return f"{os.sep}orbax{os.sep}" not in record.pathname
+
+
+def quiet_orbax_logs() -> None:
+    """Install the filter on the ``absl`` logger that Orbax logs through (idempotent)."""
+    absl_logger = logging.getLogger("absl")
+    if not any(isinstance(f, _QuietOrbax) for f in absl_logger.filters):
+        absl_logger.addFilter(_QuietOrbax())
+
+
+quiet_orbax_logs()
 
 
 class Checkpointer:
@@ -28,6 +56,7 @@ class Checkpointer:
 
     def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 2, async_save=True):
         self.directory = os.path.abspath(os.fspath(directory))
+        self._created = not os.path.isdir(self.directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save
         )
@@ -62,10 +91,7 @@ class Checkpointer:
         Returns:
           ``(state, metadata)``.
         """
-        if step not in self._manager.all_steps():
-            raise FileNotFoundError(
-                f"no checkpoint for step {step} in {self.directory}; have {self.all_steps()}"
-            )
+        self._check_step(step)
         if target is not None:
             target = jax.tree.map(_abstract, target)
             state_args = ocp.args.StandardRestore(target)
@@ -76,13 +102,63 @@ class Checkpointer:
         )
         return restored["state"], dict(restored["metadata"] or {})
 
+    def restore_metadata(self, step: int) -> dict:
+        """Only the JSON metadata of ``step`` (cheap; no arrays are read)."""
+        self._check_step(step)
+        restored = self._manager.restore(
+            step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore())
+        )
+        return dict(restored["metadata"] or {})
+
+    def _check_step(self, step: int) -> None:
+        if step not in self._manager.all_steps():
+            raise FileNotFoundError(
+                f"no checkpoint for step {step} in {self.directory}; have {self.all_steps()}"
+            )
+
+    def latest_intact(self) -> tuple[int, dict] | None:
+        """``(step, metadata)`` of the newest step whose metadata reads back, or ``None``."""
+        steps = sorted(self.all_steps(), reverse=True)
+        for i, step in enumerate(steps):
+            try:
+                return step, self.restore_metadata(step)
+            except Exception as error:  # any damage: fall back, say so
+                self._warn_damaged(step, error, steps[i + 1 :])
+        if steps:
+            raise ValueError(f"no checkpoint in {self.directory} reads back ({steps=})")
+        return None
+
     def restore_latest(self, target: PyTree | None = None) -> tuple[int, PyTree, dict] | None:
-        """``(step, state, metadata)`` of the newest checkpoint, or ``None`` if there is none."""
-        step = self.latest_step()
-        if step is None:
-            return None
-        state, metadata = self.restore(step, target)
-        return step, state, metadata
+        """``(step, state, metadata)`` of the newest checkpoint that reads back, or ``None`` if
+        there is none.
+
+        A damaged step (truncated or missing file) is skipped with a warning that names it; if
+        no step reads back, the newest step's error is raised with the directory named.
+        """
+        steps = sorted(self.all_steps(), reverse=True)
+        first_error = None
+        for i, step in enumerate(steps):
+            try:
+                state, metadata = self.restore(step, target)
+                return step, state, metadata
+            except Exception as error:  # any damage: fall back, say so
+                first_error = first_error or error
+                self._warn_damaged(step, error, steps[i + 1 :])
+        if first_error is not None:
+            raise ValueError(
+                f"no checkpoint in {self.directory} reads back (steps {steps}); the newest "
+                f"failed with: {_first_line(first_error)}"
+            ) from first_error
+        return None
+
+    def _warn_damaged(self, step: int, error: Exception, older: list[int]) -> None:
+        fallback = f"falling back to step {older[0]}" if older else "no older step to fall back to"
+        logger.warning(
+            "checkpoint %s is damaged (%s): %s",
+            os.path.join(self.directory, str(step)),
+            _first_line(error),
+            fallback,
+        )
 
     def wait(self) -> None:
         """Block until pending asynchronous saves are on disk."""
@@ -91,6 +167,9 @@ class Checkpointer:
     def close(self) -> None:
         self._manager.wait_until_finished()
         self._manager.close()
+        if self._created:
+            with contextlib.suppress(OSError):  # not empty: a step was saved, keep it
+                os.rmdir(self.directory)
 
     def __enter__(self) -> Checkpointer:
         return self
@@ -104,3 +183,9 @@ def _abstract(x):
         return x
     sharding = getattr(x, "sharding", None)
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    line = text[0] if text else type(error).__name__
+    return line if len(line) <= 300 else line[:300] + " …"

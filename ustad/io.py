@@ -1,4 +1,8 @@
-"""Atomic file writes: readers never see a half-written file, and a failed write leaves none."""
+"""Atomic file writes: readers never see a half-written file, and a failed write leaves none.
+
+Files get the permissions a plain ``open(path, "w")`` would give (0644 under the usual umask
+022), not the 0600 of the temporary file they are written to.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(handle, 0o666 & ~_umask())
         with os.fdopen(handle, "wb") as f:
             f.write(data)
         os.replace(temporary, path)
@@ -26,3 +31,10 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> Path:
             os.unlink(temporary)
         raise
     return path
+
+
+def _umask() -> int:
+    # The only portable way to read the umask is to set it; set it straight back.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

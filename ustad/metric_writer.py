@@ -16,15 +16,18 @@ class MetricWriter:
     """Append one JSON object per call to ``<workdir>/<filename>``.
 
     A resumed run appends to the same file; each line carries the step and wall time, so the file
-    reads as a log of the whole run including restarts.
+    reads as a log of the whole run including restarts. The folder and file are created on the
+    first write, so a run that fails before logging anything leaves no empty log behind.
     """
 
     def __init__(self, workdir: str | os.PathLike, filename: str = "metrics.jsonl"):
-        os.makedirs(workdir, exist_ok=True)
         self.path = os.path.join(os.fspath(workdir), filename)
-        self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
+        self._file = None
 
     def write(self, step: int, **scalars: Any) -> None:
+        if self._file is None:
+            os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+            self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
         record = {"step": int(step), "time": round(time.time(), 3)}
         for key, value in scalars.items():
             value = float(value) if hasattr(value, "__float__") else value
@@ -33,7 +36,9 @@ class MetricWriter:
         self._file.flush()
 
     def close(self) -> None:
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
     def __enter__(self) -> MetricWriter:
         return self
@@ -71,4 +76,14 @@ def check_finite(name: str, value: float, step: int) -> None:
         raise FloatingPointError(
             f"{name} became {value} at step {step}; lower the learning rate, check the inputs "
             f"for NaNs, or resume from the last checkpoint"
+        )
+
+
+def check_magnitude(name: str, value: float, limit: float, step: int, why: str = "") -> None:
+    """Raise ``FloatingPointError`` when a finite ``value`` exceeds ``limit`` (a diverging run
+    that has not overflowed yet)."""
+    if value > limit:
+        raise FloatingPointError(
+            f"{name} is {value:.3g} at step {step}, beyond {limit:.3g}{why}: training diverged; "
+            f"lower the learning rate and use a new workdir"
         )
