@@ -12,6 +12,7 @@ import optax
 import pytest
 
 import ustad.train.students as students_lib
+from ustad import cli
 from ustad import sharding as shd
 from ustad.data.images import read_image, to_uint8, write_png
 from ustad.data.synthetic import make_synthetic_category
@@ -226,10 +227,10 @@ def test_score_script_writes_maps_overlays_and_scores(data, trained, tmp_path):
     for i, image in enumerate(images[:2]):
         write_png(tmp_path / "in" / "sub" / f"{i}.png", to_uint8(image))
     write_png(tmp_path / "in" / "big.png", to_uint8(np.kron(images[2], np.ones((2, 2, 1)))))
-    script = _load_script("score")
-    script.FLAGS(
+    status = cli.main(
         [
-            "score.py",
+            "ustad",
+            "score",
             "--workdirs",
             str(workdir),
             "--images",
@@ -240,12 +241,12 @@ def test_score_script_writes_maps_overlays_and_scores(data, trained, tmp_path):
             "2",
         ]
     )
-    script.main([])
-    with np.load(tmp_path / "out" / "big.npz") as result:
+    assert status == 0
+    with np.load(tmp_path / "out" / "big.png.npz") as result:
         assert result["anomaly_map"].shape == (2 * SIZE, 2 * SIZE)  # the image's own size
-    with np.load(tmp_path / "out" / "sub" / "1.npz") as result:
+    with np.load(tmp_path / "out" / "sub" / "1.png.npz") as result:
         assert result["anomaly_map"].shape == (SIZE, SIZE) and np.isfinite(result["score"])
-    assert read_image(tmp_path / "out" / "sub" / "0.png").shape == (SIZE, 2 * SIZE, 3)
+    assert read_image(tmp_path / "out" / "sub" / "0.png.overlay.png").shape == (SIZE, 2 * SIZE, 3)
     lines = (tmp_path / "out" / "scores.csv").read_text().splitlines()
     assert lines[0] == "path,score" and len(lines) == 4
 
@@ -288,9 +289,16 @@ def test_kill_and_resume_equals_uninterrupted_run(data, tmp_path, monkeypatch):
     assert resumed.normalization == whole.normalization
 
 
-def test_non_finite_loss_names_the_step(data, tmp_path):
+def test_non_finite_images_are_named_before_training(data, tmp_path):
     images, teacher = data
     images = images.copy()
-    images[:, 3, 3] = np.nan
-    with pytest.raises(FloatingPointError, match="student 0 .*at step 0"):
+    images[[1, 4], 3, 3] = np.nan
+    with pytest.raises(ValueError, match=r"training images \[1, 4\] hold NaN"):
         train_students(_config(epochs=1), tmp_path, images, teacher=teacher)
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_non_finite_loss_names_the_student_and_step(data, tmp_path):
+    images, teacher = data
+    with pytest.raises(FloatingPointError, match="student 0 became inf at step 1"):
+        train_students(_config(epochs=1, learning_rate=1e3), tmp_path, images, teacher=teacher)

@@ -20,6 +20,7 @@ normalisation) and :class:`ustad.scoring.Detector`; :mod:`ustad.scoring` re-expo
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -45,6 +46,39 @@ class ScoreNormalization(NamedTuple):
 
     def as_dict(self) -> dict[str, float]:
         return {k: float(v) for k, v in self._asdict().items()}
+
+
+# The students regress targets of unit variance per dimension, so e (and v) of any student that
+# learnt something are O(d) per pixel; a mean beyond this many times d means training diverged
+# (lr = 10 gave e ≈ 6e21) even when nothing overflowed to inf.
+ABSURD_PER_DIMENSION = 1e4
+
+
+def check_normalization(normalization: ScoreNormalization, out_dim: int, where: str) -> None:
+    """Raise ``FloatingPointError`` if the score statistics are not finite or absurdly large.
+
+    Args:
+      normalization: e/v statistics of one scale.
+      out_dim: d, the descriptor dimension.
+      where: what they belong to (a workdir), for the message.
+    """
+    for name, value in normalization.as_dict().items():
+        if not math.isfinite(value):
+            raise FloatingPointError(
+                f"{where}: the score normalisation has {name} = {value}, so every score would be "
+                f"0 or NaN; training diverged: retrain in a new workdir with a lower "
+                f"--config.learning_rate"
+            )
+    limit = ABSURD_PER_DIMENSION * out_dim
+    for name in ("error_mean", "variance_mean"):
+        value = getattr(normalization, name)
+        if value > limit:
+            raise FloatingPointError(
+                f"{where}: the score normalisation has {name} = {value:.3g}, beyond {limit:.3g} "
+                f"({ABSURD_PER_DIMENSION:g} × d, d = {out_dim}; the targets have unit variance "
+                f"per dimension): training diverged; retrain in a new workdir with a lower "
+                f"--config.learning_rate"
+            )
 
 
 MEMBER_STRATEGIES = ("auto", "vmap", "sequential")

@@ -29,6 +29,7 @@ from ustad.score_maps import (
     MEMBER_STRATEGIES,
     REDUCTIONS,
     ScoreNormalization,
+    check_normalization,
     compute_normalization,
     error_and_variance,
     map_members,
@@ -50,6 +51,8 @@ __all__ = [
     "Detector",
     "ScaleModel",
     "ScoreNormalization",
+    "as_unit_float",
+    "check_normalization",
     "compute_normalization",
     "convert_channels",
     "error_and_variance",
@@ -147,10 +150,19 @@ def load_scale(workdir: str | os.PathLike) -> ScaleModel:
         "mean": state["target_stats"]["mean"],
         "std": state["target_stats"]["std"],
     }
+    # A diverged run must not score: with e_σ = inf every map would be silently all zeros.
+    normalization = ScoreNormalization(**meta["score_normalization"])
+    check_normalization(normalization, network.out_dim, f"the students in {workdir}")
+    for name in ("mean", "std"):
+        if not np.isfinite(params[name]).all():
+            raise FloatingPointError(
+                f"the students in {workdir}: the target statistic {name!r} is not finite; "
+                f"retrain them in a new workdir"
+            )
     return ScaleModel(
         network=network,
         params=jax.tree.map(np.asarray, params),
-        normalization=ScoreNormalization(**meta["score_normalization"]),
+        normalization=normalization,
         image_size=tuple(int(s) for s in meta["image_size"]),
         channels=int(meta["channels"]),
         padding=meta.get("padding", "reflect"),
@@ -167,6 +179,35 @@ def convert_channels(images: np.ndarray, channels: int) -> np.ndarray:
         # Same luma weights as ustad.data.images.read_image(grayscale=True).
         return (images @ np.array([0.299, 0.587, 0.114], np.float32))[..., None]
     raise ValueError(f"images have {images.shape[-1]} channels; the students expect {channels}")
+
+
+def as_unit_float(images) -> np.ndarray:
+    """Images as float32 in [0, 1]: uint8 divided by 255, uint16 by 65535, floats checked.
+
+    Args:
+      images: ``[..., C]`` uint8, uint16 or float in [0, 1].
+
+    Raises:
+      ValueError: other integer types, or floats outside [0, 1] (e.g. 0–255 values, or images
+        normalised by a mean and std), which would score every image alike.
+    """
+    images = np.asarray(images)
+    if images.dtype == np.uint8:
+        return images.astype(np.float32) / np.float32(255)
+    if images.dtype == np.uint16:
+        return images.astype(np.float32) / np.float32(65535)
+    if not np.issubdtype(images.dtype, np.floating):
+        raise ValueError(f"images must be float in [0, 1], uint8 or uint16, got {images.dtype}")
+    images = images.astype(np.float32)
+    finite = images[np.isfinite(images)]  # NaN and inf are reported by the callers
+    if finite.size:
+        low, high = float(finite.min()), float(finite.max())
+        if low < -1e-3 or high > 1 + 1e-3:
+            raise ValueError(
+                f"images must be float in [0, 1]; these range over [{low:.4g}, {high:.4g}]: "
+                f"divide 0–255 values by 255 (or pass uint8), and do not mean/std-normalise"
+            )
+    return images
 
 
 def _resize_images(images: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -258,13 +299,14 @@ class Detector:
         """Anomaly maps and image scores.
 
         Args:
-          images: ``[N, H, W, C]`` float in [0, 1], any size (resized to each scale's training
+          images: ``[N, H, W, C]`` float in [0, 1] (or uint8 / uint16, scaled to [0, 1]; other
+            ranges raise, see :func:`as_unit_float`), any size (resized to each scale's training
             size and the maps resized back) and 1 or 3 channels.
 
         Returns:
           ``(maps [N, H, W] float32, image_scores [N] float32)``.
         """
-        images = np.asarray(images, np.float32)
+        images = as_unit_float(images)
         if images.ndim != 4:
             raise ValueError(f"images must be [N, H, W, C], got shape {images.shape}")
         count, height, width = images.shape[:3]

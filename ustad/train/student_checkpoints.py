@@ -15,9 +15,26 @@ from ustad.scoring import ScaleModel
 
 PyTree = Any
 
+# Config fields that change what a run computes; a resumed (or finished) run must share them.
+# Logging, checkpoint cadence, devices, caches and batch sizes of statistics do not.
+RESUME_SETTINGS = (
+    "learning_rate",
+    "weight_decay",
+    "batch_size",
+    "epochs",
+    "seed",
+    "val_fraction",
+    "padding",
+    "compute_dtype",
+)
 
-def _check_compatible(meta, module, config, image_size, channels, workdir) -> None:
-    """A resumed run must continue the same problem; say what differs otherwise."""
+
+def _check_compatible(meta, module, config, image_size, channels, workdir, fingerprint=None):
+    """A resumed run must continue the same problem; say what differs otherwise.
+
+    Checked on the checkpoint's metadata before any array is restored, so a different
+    ``num_students`` gets this message rather than Orbax's shape error.
+    """
     expected = {
         "patch_size": module.patch_size,
         "num_students": int(config.num_students),
@@ -27,9 +44,31 @@ def _check_compatible(meta, module, config, image_size, channels, workdir) -> No
     for name, value in expected.items():
         if name in meta and meta[name] != value:
             raise ValueError(
-                f"{workdir} holds a run with {name}={meta[name]}, but this run has {value}; "
-                f"use a new workdir"
+                f"{workdir} holds a run with {name}={meta[name]}, but this run has {value} "
+                f"(--config.{name}); use a new --workdir, or the old setting to resume it"
             )
+    saved = meta.get("config", {})
+    changed = [
+        f"{name}={saved[name]!r} (now {config[name]!r})"
+        for name in RESUME_SETTINGS
+        if name in saved and name in config and saved[name] != _json_value(config[name])
+    ]
+    if changed:
+        state = "finished" if meta.get("score_normalization") else "unfinished"
+        raise ValueError(
+            f"{workdir} holds a {state} run trained with {', '.join(changed)}; resuming it would "
+            f"{'return the old model' if state == 'finished' else 'mix two settings'}: use a new "
+            f"--workdir, or the old settings"
+        )
+    if fingerprint and meta.get("data_fingerprint", fingerprint) != fingerprint:
+        raise ValueError(
+            f"{workdir} holds a run trained on other images (data_dir, category, image_size or "
+            f"the images themselves changed); use a new --workdir"
+        )
+
+
+def _json_value(value):
+    return list(value) if isinstance(value, tuple) else value
 
 
 def _score_params(state) -> PyTree:

@@ -22,6 +22,7 @@ A multi-scale run (``config.patch_sizes`` with several entries) trains each scal
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -38,6 +39,7 @@ from ustad import sharding as shd
 from ustad.checkpointing import Checkpointer
 from ustad.metric_writer import MetricWriter, check_finite, progress
 from ustad.models.patch_net import PatchNet, layers_to_json
+from ustad.score_maps import check_normalization
 from ustad.scoring import (
     CHECKPOINT_SUBDIR,
     FORMAT,
@@ -46,6 +48,7 @@ from ustad.scoring import (
     compute_normalization,
 )
 from ustad.stats import descriptor_stats
+from ustad.train import student_inputs as inputs
 from ustad.train.student_checkpoints import _check_compatible, _scale_model, _score_params
 from ustad.train.student_steps import (
     init_students,
@@ -82,10 +85,6 @@ PyTree = Any
 logger = logging.getLogger(__name__)
 
 
-def _put(mesh):
-    return lambda x: shd.shard_batch(x, mesh)
-
-
 def train_students(
     config: ml_collections.ConfigDict,
     workdir: str | os.PathLike,
@@ -116,9 +115,7 @@ def train_students(
     from ustad.data.split import split_validation
 
     workdir = Path(workdir)
-    images = np.asarray(images, np.float32)
-    if images.ndim != 4:
-        raise ValueError(f"images must be [N, H, W, C], got shape {images.shape}")
+    images = inputs.check_images(images)
     # threefry (JAX's default) draws the same numbers on any mesh; "rbg" compiles much faster
     # on CPU (seconds less per run, which matters for tests) but may depend on the sharding.
     key = jax.random.key(config.seed, impl=config.get("prng_impl", "threefry2x32"))
@@ -136,7 +133,10 @@ def train_students(
     else:
         (module, teacher_vars), teacher_source = teacher, "in-memory"
     if patch_size is not None and module.patch_size != patch_size:
-        raise ValueError(f"the teacher has p={module.patch_size}, expected {patch_size}")
+        raise ValueError(
+            f"the teacher {teacher_source} has p={module.patch_size}, expected {patch_size}"
+        )
+    inputs.check_image_size(image_size, module)
 
     num_devices = config.get("num_devices", 0) or jax.device_count()
     mesh = shd.make_mesh(config.ensemble_axis_size, jax.devices()[:num_devices])
@@ -166,29 +166,24 @@ def train_students(
     students = init_students(
         student, tx, jax.random.fold_in(key, 0), config.num_students, channels, members
     )
-    dim = module.out_dim
+    zeros = np.zeros(module.out_dim, np.float32)
     state = {
         "students": students,
         "teacher": shd.put_replicated(teacher_vars, mesh),
-        "target_stats": shd.put_replicated(
-            {"mean": np.zeros(dim, np.float32), "std": np.ones(dim, np.float32)}, mesh
-        ),
+        "target_stats": shd.put_replicated({"mean": zeros, "std": zeros + 1}, mesh),
     }
-    is_main = jax.process_index() == 0
     checkpointer = Checkpointer(
         workdir / CHECKPOINT_SUBDIR, max_to_keep=config.get("keep_checkpoints", 2)
     )
-    writer = MetricWriter(workdir) if is_main else None
+    writer = MetricWriter(workdir) if jax.process_index() == 0 else None
+    fingerprint = inputs.data_fingerprint(images)
     try:
-        restored = checkpointer.restore_latest(state)
+        latest = checkpointer.latest_intact()  # metadata only: checked before arrays are read
+        if latest is not None:
+            _check_compatible(latest[1], module, config, image_size, channels, workdir, fingerprint)
+        restored = checkpointer.restore_latest(state) if latest is not None else None
         if restored is not None:
-            start_step, state, meta = restored
-            _check_compatible(meta, module, config, image_size, channels, workdir)
-            if start_step > total_steps:
-                raise ValueError(
-                    f"{workdir} holds a run at step {start_step}, beyond this config's "
-                    f"{total_steps} steps ({config.epochs} epochs); use a new workdir"
-                )
+            start_step, state, meta = restored  # same settings: _check_compatible
             logger.info("resuming %s at step %d of %d", workdir, start_step, total_steps)
         else:
             start_step, meta = 0, {}
@@ -197,8 +192,9 @@ def train_students(
                 state["teacher"],
                 train_images,
                 batch_size=config.stats_batch_size,
-                put=_put(mesh),
+                put=functools.partial(shd.shard_batch, mesh=mesh),
             )
+            inputs.check_target_stats(stats, teacher_source)
             state["target_stats"] = shd.put_replicated(stats.as_arrays(), mesh)
             if writer:
                 writer.write(0, target_mean_avg=stats.mean.mean(), target_std_avg=stats.std.mean())
@@ -215,6 +211,7 @@ def train_students(
             "teacher_source": meta.get("teacher_source", teacher_source),
             "steps_per_epoch": steps_per_epoch,
             "total_steps": total_steps,
+            "data_fingerprint": fingerprint,
             "config": json.loads(config.to_json_best_effort()),
         }
         if meta.get("score_normalization") and start_step == total_steps:
@@ -249,9 +246,10 @@ def train_students(
             norm_images,
             batch_size=config.eval_batch_size,
             padding=config.padding,
-            put=_put(mesh),
+            put=functools.partial(shd.shard_batch, mesh=mesh),
             member_strategy=config.get("member_strategy", "auto"),
         )
+        check_normalization(normalization, module.out_dim, f"the students in {workdir}")
         checkpointer.save(
             total_steps,
             state,
@@ -292,7 +290,7 @@ def _train_loop(
     from ustad.data.pipeline import iterate_batches
 
     cache_mode, data, teacher_params = training_targets(
-        config, module, state, train_images, put=_put(mesh)
+        config, module, state, train_images, put=functools.partial(shd.shard_batch, mesh=mesh)
     )
     step_fn = make_train_step(
         student,
@@ -345,6 +343,7 @@ def _train_loop(
                     now = time.perf_counter()
                     values = shd.to_host(losses)  # every process: this may be a collective
                     _check_values(values, step - 1)
+                    inputs.check_loss_magnitude(values, step - 1, module.out_dim)
                     if writer:
                         writer.write(
                             step,
@@ -373,16 +372,17 @@ def _check_values(losses: np.ndarray, step: int) -> None:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike):
     """Train the students of every scale in ``config.patch_sizes`` on an MVTec-layout category.
 
-    Loads ``config.data_dir/config.category`` (train/good, resized to ``config.image_size``),
-    holds out ``config.val_fraction`` of it for the score normalisation, and trains each scale
-    into ``workdir`` (one scale) or ``workdir/p<p>`` (several). Interrupted runs resume.
+    Loads ``config.data_dir/config.category/train/good`` only (resized to ``config.image_size``;
+    ``test/`` and ``ground_truth/`` are for evaluation and need not exist), holds out
+    ``config.val_fraction`` of it for the score normalisation, and trains each scale into
+    ``workdir`` (one scale) or ``workdir/p<p>`` (several). Interrupted runs resume.
 
     Returns:
       The trained :class:`~ustad.scoring.ScaleModel` of each scale.
     """
-    from ustad.data.mvtec import load_mvtec_category
+    from ustad.data.mvtec import load_mvtec_train
 
-    data = load_mvtec_category(
+    images, _ = load_mvtec_train(
         config.data_dir,
         config.category,
         image_size=config.image_size,
@@ -391,5 +391,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     scales = []
     for p in config.patch_sizes:
         scale_dir = Path(workdir) if len(config.patch_sizes) == 1 else Path(workdir) / f"p{p}"
-        scales.append(train_students(config, scale_dir, data.train_images, patch_size=p))
+        scales.append(train_students(config, scale_dir, images, patch_size=p))
     return scales

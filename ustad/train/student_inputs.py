@@ -1,0 +1,82 @@
+"""What the students trainer checks about its inputs before it computes anything.
+
+Each check fails with a message that names the setting to change (``--config.image_size``) or
+the file at fault, instead of an error from deep inside compilation or a model that silently
+scores nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+
+from ustad.metric_writer import check_magnitude
+from ustad.models.patch_net import PatchNet
+from ustad.score_maps import ABSURD_PER_DIMENSION
+from ustad.scoring import as_unit_float
+from ustad.stats import TargetStats
+
+
+def check_images(images) -> np.ndarray:
+    """Training images as ``[N, H, W, C]`` float32 in [0, 1], or a ``ValueError``.
+
+    uint8/uint16 are scaled (see :func:`ustad.scoring.as_unit_float`); floats outside [0, 1],
+    NaN or inf (named by image index) and other shapes raise.
+    """
+    images = as_unit_float(images)
+    if images.ndim != 4:
+        raise ValueError(f"images must be [N, H, W, C], got shape {images.shape}")
+    bad = np.flatnonzero(~np.isfinite(images.reshape(len(images), -1)).all(axis=1))
+    if bad.size:
+        raise ValueError(f"training images {bad[:10].tolist()} hold NaN or inf values")
+    return images
+
+
+def check_image_size(image_size: tuple[int, int], module: PatchNet) -> None:
+    """Raise ``ValueError`` naming ``--config.image_size`` unless both sides are multiples of
+    the network's pooling stride (dense extraction needs it)."""
+    stride = module.stride
+    if image_size[0] % stride or image_size[1] % stride:
+        fit = [-(-side // stride) * stride for side in image_size]
+        suggestion = fit[0] if fit[0] == fit[1] else tuple(fit)
+        raise ValueError(
+            f"--config.image_size: images of {image_size[0]}×{image_size[1]} are not a multiple "
+            f"of {stride}, the pooling stride of p={module.patch_size}; use e.g. "
+            f"--config.image_size={suggestion}"
+        )
+
+
+def check_target_stats(stats: TargetStats, teacher_source: str) -> None:
+    """Raise ``FloatingPointError`` if the teacher's descriptor statistics are not finite."""
+    if not (np.isfinite(stats.mean).all() and np.isfinite(stats.std).all()):
+        raise FloatingPointError(
+            f"the teacher's descriptors ({teacher_source}) on these images are not finite; "
+            f"check the teacher file and the images for NaNs"
+        )
+
+
+def data_fingerprint(images: np.ndarray) -> str:
+    """SHA-256 of the images' shape and float32 bytes: a resumed run checks it sees the same
+    training data.
+
+    Args:
+      images: ``[N, H, W, C]``.
+    """
+    images = np.ascontiguousarray(images, np.float32)
+    digest = hashlib.sha256(repr(images.shape).encode())
+    digest.update(memoryview(images).cast("B"))
+    return digest.hexdigest()
+
+
+def check_loss_magnitude(losses: np.ndarray, step: int, out_dim: int) -> None:
+    """Raise ``FloatingPointError`` when a student's loss is finite but absurd (> 1e4 · d): a
+    diverging run (lr = 10 reached 1e21) stops at once instead of training on to an inf
+    normalisation."""
+    check_magnitude(
+        "the loss",
+        float(np.max(losses)),
+        ABSURD_PER_DIMENSION * out_dim,
+        step,
+        " (the targets have unit variance per dimension, so a loss is O(d))",
+    )
