@@ -1,6 +1,12 @@
 """The demo: the whole method at small scale, offline, on CPU (``make demo``).
 
-    python scripts/demo.py --out demo_out
+    ustad demo --out demo_out                                  # synthetic data
+    ustad demo --out bottle_out --config.data_dir=/data/mvtec_ad --config.category=bottle
+
+Data: with ``data_dir`` empty (the default) the demo writes a synthetic category of
+``synthetic`` texture (``synthetic_options``) into ``<out>/data``; with ``data_dir`` set it reads
+``<data_dir>/<category>`` in the MVTec layout and makes nothing up (``synthetic`` is then
+ignored; ``--config.synthetic=none`` with an empty ``data_dir`` is an error asking for one).
 
 A synthetic category (real scikit-image texture, procedural defects with exact masks) → a
 teacher distilled from EfficientNet-Lite0 on natural-image patches (never the demo data) →
@@ -23,19 +29,13 @@ from configs import teacher as teacher_configs
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
     del arg
     config = ml_collections.ConfigDict()
-    config.data_dir = ""
+    config.data_dir = ""  # "": synthetic data in <out>/data; else read <data_dir>/<category>
     config.category = "grass_demo"
     config.image_size = 64
     config.grayscale = False
-    config.synthetic = ml_collections.ConfigDict(
-        {
-            "texture": "grass",
-            "image_size": 64,
-            "num_train": 32,
-            "num_test_good": 12,
-            "num_test_per_defect": 6,
-            "seed": 0,
-        }
+    config.synthetic = "grass"  # texture of the synthetic category ("none": never synthesise)
+    config.synthetic_options = ml_collections.ConfigDict(
+        {"num_train": 32, "num_test_good": 12, "num_test_per_defect": 6, "seed": 0}
     )
     config.patch_sizes = (17, 33)
     config.teacher_workdir = ""  # empty: train the teachers below into <out>/teacher_p<p>

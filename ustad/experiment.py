@@ -4,7 +4,7 @@ different configs (``configs/demo.py``, ``configs/paper_mvtec.py``).
 
 Workdir layout::
 
-    <workdir>/data/<category>/       synthetic data (only when the config asks for it)
+    <workdir>/data/<category>/       synthetic data (only when config.data_dir is empty)
     <workdir>/teacher_p<p>/          teacher checkpoints and metrics (skipped when given)
     <workdir>/students/p<p>/         students, target statistics, score normalisation
     <workdir>/report/                metrics.{json,csv,md}, PRO/ROC curves, example figures
@@ -18,9 +18,11 @@ import json
 import logging
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import ml_collections
+import numpy as np
 
 logger = logging.getLogger(__name__)
 
@@ -48,45 +50,128 @@ def _ensure_teacher(config, workdir: Path, p: int, channels: int) -> str:
     return teacher_dir
 
 
+def _data_dir(config, workdir: Path) -> str:
+    """The folder holding ``<category>/``: ``config.data_dir``, or synthetic data when it is
+    empty (``config.synthetic`` names the texture; ``"none"`` turns synthesis off)."""
+    if config.data_dir:
+        return config.data_dir
+    synthetic = config.get("synthetic")
+    if isinstance(synthetic, ml_collections.ConfigDict):  # older configs: all settings in one
+        options = synthetic.to_dict()
+    elif synthetic and str(synthetic).lower() not in ("none", "false", "0"):
+        options = dict(config.get("synthetic_options", {}), texture=str(synthetic))
+        options.setdefault("image_size", config.image_size)
+    else:
+        raise ValueError(
+            "no data: set --config.data_dir to the folder holding <category>/ (MVTec layout: "
+            "<category>/train/good/, test/<type>/, ground_truth/<type>/), or leave it empty "
+            "with --config.synthetic=<texture> for the synthetic demo data"
+        )
+    from ustad.data import make_synthetic_category
+
+    data_dir = workdir / "data"
+    if not (data_dir / config.category).exists():
+        make_synthetic_category(data_dir, config.category, **options)
+    print(f"[ustad] synthetic data: {data_dir / config.category}", flush=True)
+    return str(data_dir)
+
+
+def score_sets(scales: Sequence, images: np.ndarray, **detector_kwargs):
+    """Anomaly maps and image scores of each scale and, with several, of their average.
+
+    Args:
+      scales: trained :class:`~ustad.scoring.ScaleModel` s.
+      images: ``[N, H, W, C]`` float32 in [0, 1].
+      **detector_kwargs: see :class:`~ustad.scoring.Detector`.
+
+    Returns:
+      ``({name: [N, H, W] maps}, {name: [N] scores})``, names ``"p<p>"`` and ``"multiscale"``.
+    """
+    from ustad.scoring import Detector
+
+    score_maps, image_scores = {}, {}
+    for i, scale in enumerate(scales):
+        name = f"p{scale.patch_size}"
+        name = name if name not in score_maps else f"{name}_{i}"
+        score_maps[name], image_scores[name] = Detector([scale], **detector_kwargs).score(images)
+    if len(scales) > 1:
+        # The paper's multi-scale score: the plain average of the per-scale scores.
+        maps, scores = Detector(list(scales), **detector_kwargs).score(images)
+        score_maps["multiscale"], image_scores["multiscale"] = maps, scores
+    return score_maps, image_scores
+
+
+def write_report(out_dir, category: str, test, score_maps, image_scores, **kwargs):
+    """The full report of a test set (:func:`ustad.evaluate.write_category_report`), or its
+    image-level part when the test set has no masks (:func:`ustad.image_report.write_image_report`).
+
+    Args:
+      out_dir: report folder.
+      category: name in titles and tables.
+      test: a :class:`ustad.data.MVTecTestSet`.
+      score_maps, image_scores: from :func:`score_sets`.
+      **kwargs: ``examples_per_type`` (full report only) and ``metadata``.
+    """
+    if test.masks is None:
+        from ustad.image_report import write_image_report
+
+        return write_image_report(
+            out_dir,
+            category,
+            image_scores,
+            test.labels,
+            test.types,
+            metadata=kwargs.get("metadata"),
+        )
+    from ustad.evaluate import write_category_report
+
+    return write_category_report(
+        out_dir,
+        category,
+        score_maps,
+        test.masks,
+        test.labels,
+        image_scores=image_scores,
+        images=test.images,
+        types=test.types,
+        names=[f"{t}_{Path(path).stem}" for t, path in zip(test.types, test.paths, strict=True)],
+        **kwargs,
+    )
+
+
 def run_experiment(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> dict:
     """Run (or resume) the whole method on one category and write its report.
 
     Args:
-      config: see ``configs/demo.py``: ``data_dir``, ``category``, ``image_size``, ``grayscale``,
-        ``synthetic`` (a ConfigDict for :func:`ustad.data.make_synthetic_category`, or None),
+      config: see ``configs/demo.py``: ``data_dir`` (empty: synthetic data), ``category``,
+        ``image_size``, ``grayscale``, ``synthetic`` (texture of the synthetic data, or
+        ``"none"``) and ``synthetic_options`` (see :func:`ustad.data.make_synthetic_category`),
         ``patch_sizes``, ``teacher`` (a teacher config, used when ``teacher_workdir`` is empty),
         ``teacher_workdir`` (``"{p}"`` template of finished teachers), ``students`` (a students
         config), ``report`` (example figures).
       workdir: output folder.
 
     Returns:
-      The metrics dict ``{score_set: {image_auroc, pixel_auroc, au_pro}}`` plus ``report_dir``
-      and ``seconds`` per stage.
+      The metrics dict ``{score_set: {image_auroc, pixel_auroc, au_pro}}`` (image AUROC only
+      when the test set has no masks) plus ``report_dir`` and ``seconds`` per stage.
     """
-    from ustad.data import load_mvtec_category, make_synthetic_category
-    from ustad.evaluate import write_category_report
-    from ustad.scoring import Detector, load_scale
+    from ustad.data import category_folder, load_mvtec_test, load_mvtec_train
+    from ustad.scoring import load_scale
     from ustad.train import students as students_lib
 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     timings = {}
     start = time.perf_counter()
-    data_dir = config.data_dir
-    if config.get("synthetic"):
-        data_dir = str(workdir / "data")
-        synthetic = config.synthetic.to_dict()
-        if not (Path(data_dir) / config.category).exists():
-            make_synthetic_category(data_dir, config.category, **synthetic)
-        print(f"[ustad] synthetic data: {Path(data_dir) / config.category}", flush=True)
-    data = load_mvtec_category(
-        data_dir, config.category, image_size=config.image_size, grayscale=config.grayscale
-    )
-    channels = data.train_images.shape[-1]
+    data_dir = _data_dir(config, workdir)
+    sizes = dict(image_size=config.image_size, grayscale=config.grayscale)
+    train_images, _ = load_mvtec_train(data_dir, config.category, **sizes)
+    test = load_mvtec_test(category_folder(data_dir, config.category), **sizes)
+    channels = train_images.shape[-1]
     print(
-        f"[ustad] {config.category}: {len(data.train_images)} train/good, "
-        f"{len(data.test_images)} test ({int(data.test_labels.sum())} defective) at "
-        f"{data.train_images.shape[1]}×{data.train_images.shape[2]}",
+        f"[ustad] {Path(data_dir) / config.category}: {len(train_images)} train/good, "
+        f"{len(test.images)} test ({int(test.labels.sum())} defective) at "
+        f"{train_images.shape[1]}×{train_images.shape[2]}",
         flush=True,
     )
     timings["data_s"] = time.perf_counter() - start
@@ -106,39 +191,25 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | os.PathLike
             f"{students_config.epochs} epochs → {scale_dir}",
             flush=True,
         )
-        students_lib.train_students(students_config, scale_dir, data.train_images, patch_size=p)
+        students_lib.train_students(students_config, scale_dir, train_images, patch_size=p)
         scale_dirs[p] = scale_dir
         timings[f"students_p{p}_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    scales = {p: load_scale(d) for p, d in scale_dirs.items()}
-    score_maps, image_scores = {}, {}
-    for p, scale in scales.items():
-        maps, scores = Detector([scale]).score(data.test_images)
-        score_maps[f"p{p}"], image_scores[f"p{p}"] = maps, scores
-    if len(scales) > 1:
-        # The paper's multi-scale score: the plain average of the per-scale scores.
-        maps, scores = Detector(list(scales.values())).score(data.test_images)
-        score_maps["multiscale"], image_scores["multiscale"] = maps, scores
+    score_maps, image_scores = score_sets([load_scale(d) for d in scale_dirs.values()], test.images)
     timings["scoring_s"] = time.perf_counter() - t0
-    timings["scoring_img_per_s"] = len(data.test_images) / max(timings["scoring_s"], 1e-9)
+    timings["scoring_img_per_s"] = len(test.images) / max(timings["scoring_s"], 1e-9)
 
     report_dir = workdir / "report"
-    report = write_category_report(
+    report = write_report(
         report_dir,
         config.category,
+        test,
         score_maps,
-        data.test_masks,
-        data.test_labels,
-        image_scores=image_scores,
-        images=data.test_images,
-        types=data.test_types,
-        names=[
-            f"{t}_{Path(path).stem}"
-            for t, path in zip(data.test_types, data.test_paths, strict=True)
-        ],
-        examples_per_type=config.report.examples_per_type,
+        image_scores,
+        **({} if test.masks is None else {"examples_per_type": config.report.examples_per_type}),
         metadata={
+            "data": str(Path(data_dir) / config.category),
             "image_size": config.image_size,
             "patch_sizes": list(config.patch_sizes),
             "num_students": config.students.num_students,
@@ -156,12 +227,13 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | os.PathLike
 
 
 def format_summary(summary: dict) -> str:
-    """A short Markdown table of a :func:`run_experiment` result."""
+    """A short Markdown table of a :func:`run_experiment` result (or any ``{set: metrics}``)."""
     lines = ["| scores | image AUROC | pixel AUROC | AU-PRO@0.3 |", "|---|---|---|---|"]
     for name, row in summary.items():
-        if isinstance(row, dict) and "au_pro" in row:
-            lines.append(
-                f"| {name} | {row['image_auroc']:.3f} | {row['pixel_auroc']:.3f} | "
-                f"{row['au_pro']:.3f} |"
-            )
+        if isinstance(row, dict) and "image_auroc" in row:
+            cells = [
+                f"{row[k]:.3f}" if k in row else "(needs masks)"
+                for k in ("image_auroc", "pixel_auroc", "au_pro")
+            ]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

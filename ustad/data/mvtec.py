@@ -117,19 +117,38 @@ def _find_mask(ground_truth_dir: Path, image_path: Path) -> Path | None:
     return None
 
 
-def index_mvtec_category(root: str | os.PathLike, category: str) -> MVTecIndex:
-    """Lists and checks the files of `<root>/<category>` without decoding them.
+def category_folder(root: str | os.PathLike, category: str) -> Path:
+    """`<root>/<category>`, checked to exist.
 
     Raises:
-        FileNotFoundError: the category, `train/good` or `test` folder is missing, or a
-            defective test image has no mask (the message names the image and the mask looked
-            for).
-        ValueError: `train/good` holds no images.
+        FileNotFoundError: `root` or the category is missing; the message lists the categories
+            that `root` holds (folders with a `train/` or `test/` inside).
     """
-    category_dir = Path(root) / category
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"Data folder not found: {root} (--config.data_dir)")
+    category_dir = root / category
     if not category_dir.is_dir():
-        raise FileNotFoundError(f"MVTec category folder not found: {category_dir}")
-    train_dir = category_dir / "train" / GOOD
+        found = sorted(
+            d.name
+            for d in root.iterdir()
+            if d.is_dir() and ((d / "train").is_dir() or (d / "test").is_dir())
+        )
+        holds = ", ".join(found) if found else "no category folders (<category>/train/good/)"
+        raise FileNotFoundError(
+            f"Category {category!r} not found in {root} (--config.category); it holds: {holds}"
+        )
+    return category_dir
+
+
+def index_train(category_dir: str | os.PathLike) -> list[Path]:
+    """The images of `<category_dir>/train/good`, sorted; all that training needs.
+
+    Raises:
+        FileNotFoundError: no `train/good` folder.
+        ValueError: it holds no images.
+    """
+    train_dir = Path(category_dir) / "train" / GOOD
     if not train_dir.is_dir():
         raise FileNotFoundError(f"Missing training folder {train_dir}")
     train_paths = list_image_files(train_dir)
@@ -137,15 +156,33 @@ def index_mvtec_category(root: str | os.PathLike, category: str) -> MVTecIndex:
         raise ValueError(
             f"No images ({', '.join(IMAGE_EXTENSIONS)}) in training folder {train_dir}"
         )
+    return train_paths
 
+
+def index_test(category_dir: str | os.PathLike, *, require_masks: bool = True) -> list[TestEntry]:
+    """The test images of a category, sorted by defect type then file name.
+
+    Args:
+        category_dir: `<root>/<category>`.
+        require_masks: every defective image needs a mask. With False, a category without a
+            `ground_truth/` folder gives entries with `mask_path=None` (image labels only); one
+            with the folder still needs every mask.
+
+    Raises:
+        FileNotFoundError: no `test/` folder, or a defective image without a mask (the message
+            names the image and the mask looked for).
+        ValueError: `test/` holds no images.
+    """
+    category_dir = Path(category_dir)
     test_dir = category_dir / "test"
     if not test_dir.is_dir():
         raise FileNotFoundError(f"Missing test folder {test_dir}")
+    masks_optional = not require_masks and not (category_dir / "ground_truth").is_dir()
     test: list[TestEntry] = []
     for type_dir in sorted(p for p in test_dir.iterdir() if p.is_dir()):
         for image_path in list_image_files(type_dir):
-            if type_dir.name == GOOD:
-                test.append(TestEntry(image_path, GOOD, None))
+            if type_dir.name == GOOD or masks_optional:
+                test.append(TestEntry(image_path, type_dir.name, None))
                 continue
             gt_dir = category_dir / "ground_truth" / type_dir.name
             mask_path = _find_mask(gt_dir, image_path)
@@ -157,7 +194,40 @@ def index_mvtec_category(root: str | os.PathLike, category: str) -> MVTecIndex:
             test.append(TestEntry(image_path, type_dir.name, mask_path))
     if not test:
         raise ValueError(f"No test images in {test_dir}")
-    return MVTecIndex(category_dir, train_paths, test)
+    return test
+
+
+def index_mvtec_category(root: str | os.PathLike, category: str) -> MVTecIndex:
+    """Lists and checks the files of `<root>/<category>` without decoding them.
+
+    Raises:
+        FileNotFoundError: the category (the message lists those that exist), `train/good` or
+            `test` folder is missing, or a defective test image has no mask (the message names
+            the image and the mask looked for).
+        ValueError: `train/good` or `test` holds no images.
+    """
+    category_dir = category_folder(root, category)
+    return MVTecIndex(category_dir, index_train(category_dir), index_test(category_dir))
+
+
+def load_mvtec_train(
+    root: str | os.PathLike,
+    category: str,
+    *,
+    image_size: int | Sequence[int] = 256,
+    grayscale: bool = False,
+) -> tuple[np.ndarray, list[str]]:
+    """Only `<root>/<category>/train/good`, for training (no `test/` or masks needed).
+
+    Returns:
+        `(images [N, H, W, C] float32 in [0, 1], N paths)`; see `load_mvtec_category`.
+    """
+    size = as_size(image_size)
+    paths = index_train(category_folder(root, category))
+    images = np.empty((len(paths), *size, 1 if grayscale else 3), np.float32)
+    for i, path in enumerate(paths):
+        images[i] = resize_image(read_image(path, grayscale=grayscale), size)
+    return images, [str(p) for p in paths]
 
 
 def read_test_mask(entry: TestEntry, image_hw: tuple[int, int]) -> np.ndarray:
@@ -207,28 +277,74 @@ def load_mvtec_category(
         ValueError: empty `train/good`, a mask whose size differs from its image, or an image
             file that cannot be decoded. Every message names the file at fault.
     """
-    size = as_size(image_size)
     index = index_mvtec_category(root, category)
-    channels = 1 if grayscale else 3
-
-    train_images = np.empty((len(index.train_paths), *size, channels), np.float32)
-    for i, path in enumerate(index.train_paths):
-        train_images[i] = resize_image(read_image(path, grayscale=grayscale), size)
-
-    num_test = len(index.test)
-    test_images = np.empty((num_test, *size, channels), np.float32)
-    test_masks = np.empty((num_test, *size), bool)
-    for i, entry in enumerate(index.test):
-        image = read_image(entry.image_path, grayscale=grayscale)
-        test_masks[i] = resize_mask(read_test_mask(entry, image.shape[:2]), size)
-        test_images[i] = resize_image(image, size)
-
+    train_images, train_paths = load_mvtec_train(
+        root, category, image_size=image_size, grayscale=grayscale
+    )
+    test = _load_test_entries(index.test, as_size(image_size), grayscale)
     return MVTecCategory(
         train_images=train_images,
-        train_paths=[str(p) for p in index.train_paths],
-        test_images=test_images,
-        test_masks=test_masks,
-        test_labels=np.array([e.defect_type != GOOD for e in index.test], np.int32),
-        test_types=[e.defect_type for e in index.test],
-        test_paths=[str(e.image_path) for e in index.test],
+        train_paths=train_paths,
+        test_images=test.images,
+        test_masks=test.masks,
+        test_labels=test.labels,
+        test_types=test.types,
+        test_paths=test.paths,
+    )
+
+
+@dataclasses.dataclass
+class MVTecTestSet:
+    """The test images of one category, for evaluation.
+
+    Attributes:
+        images: `[N, H, W, C]` float32 in [0, 1].
+        masks: `[N, H, W]` bool, True on defective pixels; None when the category has no
+            `ground_truth/` (then only image-level metrics can be computed).
+        labels: `[N]` int32, 1 = defective (any folder but `test/good`), 0 = good.
+        types: N defect-type names.
+        paths: N file paths.
+    """
+
+    images: np.ndarray
+    masks: np.ndarray | None
+    labels: np.ndarray
+    types: list[str]
+    paths: list[str]
+
+
+def load_mvtec_test(
+    category_dir: str | os.PathLike,
+    *,
+    image_size: int | Sequence[int] = 256,
+    grayscale: bool = False,
+) -> MVTecTestSet:
+    """`<category_dir>/test/<type>/*` with the masks of `ground_truth/<type>/` if it exists.
+
+    `train/` is not needed. Without `ground_truth/`, `masks` is None; with it, every defective
+    image needs its mask (see `index_test`).
+
+    Args:
+        category_dir: a category folder in the MVTec layout.
+        image_size, grayscale: as in `load_mvtec_category`.
+    """
+    entries = index_test(Path(category_dir), require_masks=False)
+    test = _load_test_entries(entries, as_size(image_size), grayscale)
+    has_masks = (Path(category_dir) / "ground_truth").is_dir()
+    return test if has_masks else dataclasses.replace(test, masks=None)
+
+
+def _load_test_entries(entries, size, grayscale) -> MVTecTestSet:
+    images = np.empty((len(entries), *size, 1 if grayscale else 3), np.float32)
+    masks = np.empty((len(entries), *size), bool)
+    for i, entry in enumerate(entries):
+        image = read_image(entry.image_path, grayscale=grayscale)
+        masks[i] = resize_mask(read_test_mask(entry, image.shape[:2]), size)
+        images[i] = resize_image(image, size)
+    return MVTecTestSet(
+        images=images,
+        masks=masks,
+        labels=np.array([e.defect_type != GOOD for e in entries], np.int32),
+        types=[e.defect_type for e in entries],
+        paths=[str(e.image_path) for e in entries],
     )
