@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) scripts/demo.py --out demo_out
+	$(VENV)/bin/ustad demo --out demo_out
 
 test: $(STAMP)
 	$(PY) -m pytest -q

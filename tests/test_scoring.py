@@ -1,9 +1,6 @@
 """Target statistics and anomaly scores against brute-force NumPy definitions."""
 
 import functools
-import importlib.util
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -195,18 +192,6 @@ def test_normalization_matches_numpy_over_all_pixels(scales):
     np.testing.assert_allclose(e_plus_v.mean(), norm.error_mean + norm.variance_mean, rtol=1e-4)
 
 
-def _score_script():
-    # The same module object as tests/test_students.py loads: absl flags are defined once.
-    key = "ustad_test_scripts_score"
-    if key not in sys.modules:
-        path = Path(__file__).parents[1] / "scripts" / "score.py"
-        spec = importlib.util.spec_from_file_location(key, path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        sys.modules[key] = module
-    return sys.modules[key]
-
-
 def test_scale_folders_of_a_multiscale_run(tmp_path):
     for name in ("p65", "p17", "p33", "other"):
         (tmp_path / name / ("checkpoints" if name != "other" else "x")).mkdir(parents=True)
@@ -216,21 +201,12 @@ def test_scale_folders_of_a_multiscale_run(tmp_path):
         find_scale_dirs(tmp_path / "other")
 
 
-def test_score_script_names_an_unreadable_image(tmp_path):
-    script = _score_script()
+def test_score_command_names_an_unreadable_image(tmp_path, capsys):
+    from ustad import cli
+
     (tmp_path / "images").mkdir()
     (tmp_path / "images" / "broken.png").write_bytes(b"not a png")
-    script.FLAGS(
-        [
-            "score.py",
-            "--workdirs",
-            str(tmp_path),
-            "--images",
-            str(tmp_path / "images"),
-            "--out",
-            str(tmp_path / "out"),
-        ]
-    )
-    with pytest.raises(SystemExit, match="broken.png"):
-        script.main([])
+    args = ["--workdirs", str(tmp_path), "--images", str(tmp_path / "images")]
+    assert cli.main(["ustad", "score", *args, "--out", str(tmp_path / "out")]) == 1
+    assert "broken.png" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()

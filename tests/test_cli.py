@@ -1,0 +1,233 @@
+"""The ``ustad`` command: help texts, flag errors, and train → score → evaluate on tiny data."""
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ustad import cli
+from ustad.commands import COMMANDS
+from ustad.data.synthetic import make_synthetic_category
+
+REPO = Path(__file__).parents[1]
+SIZE = 16
+
+
+def run(*args):
+    return cli.main(["ustad", *args])
+
+
+def test_overview_lists_every_command(capsys):
+    assert run() == 0 and run("--help") == 0
+    out = capsys.readouterr().out
+    for name in ("demo", "train-teacher", "train-students", "score", "evaluate", "teachers"):
+        assert f"  {name}" in out
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_every_command_help_says_what_it_reads_writes_and_how_long(name, capsys):
+    assert run(name, "--help") == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: ustad {name}")
+    for word in ("Reads", "Write", "Time"):
+        assert word in out, f"`ustad {name} --help` does not say {word}"
+
+
+def test_installed_entry_point_runs_outside_the_checkout(tmp_path):
+    ustad = Path(sys.executable).with_name("ustad")
+    if not ustad.exists():
+        pytest.skip("the package is not installed with its console script")
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    result = subprocess.run(
+        [str(ustad), "train-students", "--help"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "train/good" in result.stdout
+
+
+def test_unknown_command_and_missing_flags_are_usage_errors(capsys):
+    assert run("trian") == 2
+    assert "unknown command 'trian'" in capsys.readouterr().err
+    assert run("score", "--images", "x") == 2
+    assert "missing --workdirs, --out" in capsys.readouterr().err
+    assert run("score", "--no_such_flag=1") == 2
+
+
+def test_config_paths_resolve_from_any_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    resolved = cli.resolve_config_arg("configs/students.py:smoke")
+    assert Path(resolved.split(":")[0]).is_file() and resolved.endswith(":smoke")
+
+
+def test_demo_synthetic_none_is_not_a_flag_error_and_asks_for_data(tmp_path, capsys):
+    assert run("demo", "--out", str(tmp_path / "out"), "--config.synthetic=None") == 1
+    err = capsys.readouterr().err
+    assert "error: no data: set --config.data_dir" in err
+    assert not (tmp_path / "out" / "data").exists()
+
+
+def test_demo_reads_the_users_category_and_lists_the_ones_that_exist(tmp_path, capsys):
+    (tmp_path / "data" / "bottle" / "train" / "good").mkdir(parents=True)
+    (tmp_path / "data" / "cable" / "test").mkdir(parents=True)
+    args = ["--out", str(tmp_path / "out"), f"--config.data_dir={tmp_path / 'data'}"]
+    assert run("demo", *args, "--config.category=screw") == 1
+    err = capsys.readouterr().err
+    assert "Category 'screw' not found" in err and "it holds: bottle, cable" in err
+    assert not (tmp_path / "out" / "data").exists()  # no synthetic data made up
+
+
+def _train_args(workdir, data_dir):
+    return [
+        "train-students",
+        "--config=configs/students.py:smoke",
+        f"--workdir={workdir}",
+        f"--config.data_dir={data_dir}",
+        "--config.category=tiny",
+        f"--config.image_size={SIZE}",
+        "--config.out_dim=8",
+        "--config.num_students=2",
+        "--config.epochs=1",
+        "--config.batch_size=2",
+        "--config.prng_impl=rbg",
+        "--config.stats_batch_size=8",
+        "--config.eval_batch_size=8",
+    ]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    make_synthetic_category(
+        root / "data", "tiny", image_size=SIZE, num_train=8, num_test_good=2, num_test_per_defect=1
+    )
+    assert run(*_train_args(root / "run", root / "data")) == 0
+    return root
+
+
+def test_train_students_then_evaluate_writes_the_full_report(trained, tmp_path, capsys):
+    assert (trained / "run" / "checkpoints").is_dir()
+    out = tmp_path / "report"
+    data = trained / "data" / "tiny"
+    assert run("evaluate", f"--workdirs={trained / 'run'}", f"--data={data}", f"--out={out}") == 0
+    assert "| p17 |" in capsys.readouterr().out
+    for name in ("metrics.md", "metrics.json", "metrics.csv", "pro_curves.png", "roc_pixel.png"):
+        assert (out / name).is_file(), name
+    assert list((out / "examples").glob("*.png"))
+    assert oct((out / "metrics.md").stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+
+
+def _umask():
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def test_evaluate_without_masks_reports_image_level_metrics(trained, tmp_path, capsys):
+    data = tmp_path / "labelled_only"
+    shutil.copytree(trained / "data" / "tiny" / "test", data / "test")
+    out = tmp_path / "report"
+    assert run("evaluate", f"--workdirs={trained / 'run'}", f"--data={data}", f"--out={out}") == 0
+    printed = capsys.readouterr().out
+    assert "pixel AUROC and AU-PRO need masks" in printed and "(needs masks)" in printed
+    markdown = (out / "metrics.md").read_text()
+    assert "image_auroc" in markdown and "mean_score_good" in markdown
+    assert "au_pro" not in markdown and (out / "score_histograms.png").is_file()
+
+
+def test_score_keeps_extensions_so_same_stem_images_stay_apart(trained, tmp_path, capsys):
+    from PIL import Image
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for suffix in ("png", "jpg"):
+        pixels = rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"x.{suffix}")
+    out = tmp_path / "out"
+    assert run("score", f"--workdirs={trained / 'run'}", f"--images={folder}", f"--out={out}") == 0
+    assert "scored 2 images" in capsys.readouterr().out
+    assert (out / "x.png.npz").is_file() and (out / "x.jpg.npz").is_file()
+    assert (out / "x.png.overlay.png").is_file() and (out / "x.jpg.overlay.png").is_file()
+    assert len((out / "scores.csv").read_text().splitlines()) == 3
+
+
+def test_score_names_the_unreadable_image_and_writes_nothing(trained, tmp_path, capsys):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "empty.png").write_bytes(b"")
+    out = tmp_path / "out"
+    assert run("score", f"--workdirs={trained / 'run'}", f"--images={folder}", f"--out={out}") == 1
+    assert f"Cannot read image file {folder / 'empty.png'}" in capsys.readouterr().err
+    assert not out.exists()
+    (folder / "empty.png").unlink()
+    assert run("score", f"--workdirs={trained / 'run'}", f"--images={folder}", f"--out={out}") == 1
+    assert "No image files" in capsys.readouterr().err
+
+
+def test_changing_num_students_on_resume_says_so(trained, capsys):
+    args = _train_args(trained / "run", trained / "data")
+    assert run(*args, "--config.num_students=3") == 1
+    err = capsys.readouterr().err
+    assert "num_students=2, but this run has 3" in err
+    assert "Event loop" not in err and "Traceback" not in err
+
+
+def test_orbax_info_lines_are_off_by_default(tmp_path, caplog):
+    from ustad.checkpointing import Checkpointer
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("absl").addHandler(handler)
+    try:
+        with caplog.at_level(logging.INFO), Checkpointer(tmp_path / "ck") as checkpointer:
+            logging.getLogger("absl").setLevel(logging.INFO)
+            checkpointer.save(1, {"x": np.zeros(3)}, {"step": 1})
+    finally:
+        logging.getLogger("absl").removeHandler(handler)
+    assert not [r for r in records if "orbax" in r.pathname]
+
+
+def test_teachers_lists_what_list_teachers_returns(monkeypatch, capsys):
+    from ustad.train import teacher_files
+
+    if not hasattr(teacher_files, "list_teachers"):
+        pytest.skip("ustad.train.teacher_files.list_teachers does not exist yet")
+    fake = [
+        {
+            "name": "p33",
+            "patch_size": 33,
+            "out_dim": 128,
+            "widths": None,
+            "bytes": 6_500_000,
+            "path": "/somewhere/p33.teacher.npz",
+            "origin": "installed",
+        }
+    ]
+    monkeypatch.setattr(teacher_files, "list_teachers", lambda: fake)
+    assert run("teachers") == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["name", "p", "d", "widths", "size", "origin", "path"]
+    assert lines[1].split() == ["p33", "33", "128", "None", "6.5", "MB", "installed"] + [
+        "/somewhere/p33.teacher.npz"
+    ]
+
+
+def test_teachers_runs_against_the_real_listing(tmp_path, monkeypatch, capsys):
+    from ustad.train import teacher_files
+
+    if not hasattr(teacher_files, "list_teachers"):
+        pytest.skip("ustad.train.teacher_files.list_teachers does not exist yet")
+    monkeypatch.setenv("USTAD_TEACHERS", str(tmp_path))
+    assert run("teachers") == 0
+    assert run("teachers", "--json") == 0
