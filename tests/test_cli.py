@@ -1,5 +1,6 @@
 """The ``ustad`` command: help texts, flag errors, and train → score → evaluate on tiny data."""
 
+import json
 import logging
 import os
 import shutil
@@ -229,5 +230,10 @@ def test_teachers_runs_against_the_real_listing(tmp_path, monkeypatch, capsys):
     if not hasattr(teacher_files, "list_teachers"):
         pytest.skip("ustad.train.teacher_files.list_teachers does not exist yet")
     monkeypatch.setenv("USTAD_TEACHERS", str(tmp_path))
+    (tmp_path / f"broken{teacher_files.SUFFIX}").write_bytes(b"not a teacher")
     assert run("teachers") == 0
+    table = capsys.readouterr().out
+    assert "broken" in table and "installed" in table and "(unreadable:" in table
     assert run("teachers", "--json") == 0
+    listed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert {"name": "broken", "origin": "installed"}.items() <= listed[0].items()

@@ -330,12 +330,12 @@ def _run_teachers(fv):
     rows = [
         (
             str(t["name"]),
-            str(t["patch_size"]),
-            str(t["out_dim"]),
-            str(t.get("widths")),
+            str(t.get("patch_size", "?")),
+            str(t.get("out_dim", "?")),
+            str(t.get("widths", "?")),
             _size(t["bytes"]),
             str(t["origin"]),
-            str(t["path"]),
+            str(t["path"]) + (f"  (unreadable: {t['error']})" if "error" in t else ""),
         )
         for t in teachers
     ]
