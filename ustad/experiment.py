@@ -93,12 +93,27 @@ def score_sets(scales: Sequence, images: np.ndarray, **detector_kwargs):
     for i, scale in enumerate(scales):
         name = f"p{scale.patch_size}"
         name = name if name not in score_maps else f"{name}_{i}"
-        score_maps[name], image_scores[name] = Detector([scale], **detector_kwargs).score(images)
+        detector = Detector([scale], **detector_kwargs)
+        score_maps[name], image_scores[name] = _score_with_progress(detector, images, name)
     if len(scales) > 1:
         # The paper's multi-scale score: the plain average of the per-scale scores.
-        maps, scores = Detector(list(scales), **detector_kwargs).score(images)
+        detector = Detector(list(scales), **detector_kwargs)
+        maps, scores = _score_with_progress(detector, images, "multiscale")
         score_maps["multiscale"], image_scores["multiscale"] = maps, scores
     return score_maps, image_scores
+
+
+def _score_with_progress(detector, images: np.ndarray, name: str):
+    from ustad.metric_writer import progress
+
+    maps, scores = [], []
+    with progress(len(images), desc=f"scoring {name}", unit="img") as bar:
+        for start in range(0, len(images), detector.batch_size):
+            chunk_maps, chunk_scores = detector.score(images[start : start + detector.batch_size])
+            maps.append(chunk_maps)
+            scores.append(chunk_scores)
+            bar.update(len(chunk_maps))
+    return np.concatenate(maps), np.concatenate(scores)
 
 
 def write_report(out_dir, category: str, test, score_maps, image_scores, **kwargs):
