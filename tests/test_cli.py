@@ -1,5 +1,6 @@
 """The ``ustad`` command: help texts, flag errors, and train → score → evaluate on tiny data."""
 
+import importlib.util
 import json
 import logging
 import os
@@ -237,3 +238,39 @@ def test_teachers_runs_against_the_real_listing(tmp_path, monkeypatch, capsys):
     assert run("teachers", "--json") == 0
     listed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert {"name": "broken", "origin": "installed"}.items() <= listed[0].items()
+
+
+def test_the_demo_pipeline_on_a_users_category_without_masks(trained, tmp_path, monkeypatch):
+    """run_experiment (what `ustad demo` runs) on the user's data: nothing synthetic is made, and
+    a test set without ground_truth/ gets the image-level report."""
+    import ml_collections
+
+    from ustad import experiment
+
+    shutil.copytree(trained / "data" / "tiny", tmp_path / "data" / "mine")
+    shutil.rmtree(tmp_path / "data" / "mine" / "ground_truth")
+    monkeypatch.setattr(experiment, "_ensure_teacher", lambda *args: "random")
+    students = cli.resolve_config_arg("configs/students.py:smoke")
+    spec = importlib.util.spec_from_file_location("ustad_test_cli_students", students[:-6])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    students = module.get_config("smoke")
+    students.update(num_students=2, epochs=1, batch_size=2, prng_impl="rbg", image_size=SIZE)
+    students.update(stats_batch_size=8, eval_batch_size=8)
+    config = ml_collections.ConfigDict(
+        {
+            "data_dir": str(tmp_path / "data"),
+            "category": "mine",
+            "image_size": SIZE,
+            "grayscale": False,
+            "synthetic": "grass",
+            "patch_sizes": (17,),
+            "students": students,
+            "report": {"examples_per_type": 1},
+        }
+    )
+    summary = experiment.run_experiment(config, tmp_path / "out")
+    assert not (tmp_path / "out" / "data").exists()
+    assert set(summary["p17"]) >= {"image_auroc", "mean_score_good"}
+    assert "(needs masks)" in experiment.format_summary(summary)
+    assert (tmp_path / "out" / "report" / "score_histograms.png").is_file()
