@@ -1,109 +1,209 @@
-"""How well a trained teacher distils P, on patches it was not trained on.
+"""Teacher probes: how good a teacher is for anomaly detection (see :mod:`ustad.probes`).
 
-One JSON line per teacher workdir: on fresh random crops (a PRNG stream the trainer never uses) of
-the bundled natural photos, the distillation loss ``||D(T̂(p)) - P(p)||²`` with the run's own
-decoder D, the variance of P's features (the loss of always predicting their mean), their ratio
-``unexplained`` (0: T̂ carries all of P's information that D can read; 1: none), and the mean
-absolute off-diagonal correlation of T̂'s descriptor dimensions (what the compactness loss
-drives down). The same numbers for the untrained initialisation of the run (T̂ random, D the
-constant mean predictor) put them in context.
+One JSON line per (teacher, dataset): the teacher (source, p, widths, d, steps), and per probe its
+figures, settings and seconds:
 
-    python -m benchmarks.teacher_quality --workdirs runs/teacher_p33
+* ``descriptor``: nearest-neighbour distance of each test descriptor to a memory bank of the
+  category's training descriptors; AU-PRO@0.3, pixel and image AUROC, raw and smoothed (σ = 4).
+* ``student``: a short fixed student run (M students, fixed epochs, batch, learning rate: the
+  same for every teacher compared) scored as the method scores, same figures.
+* ``distill``: distillation R² (1 − unexplained, with the run's decoder D and with a linear
+  read-out fitted on other photos) and mean |off-diagonal correlation| of the descriptor
+  dimensions, on held-out photos; P sees exactly the R×R window T̂ sees. Per teacher, repeated
+  in each of its rows.
+
+Teachers: workdirs, ``.teacher.npz`` files, installed names, or ``random:<p>:<widths>:<d>`` (a
+random init of that architecture, the control row). Datasets: an MVTec-AD-layout category
+(``--mvtec_dir``, ``--category``) and synthetic categories (``--synthetic`` textures, written
+once under ``--synthetic_dir``), all at ``--image_size``::
+
+    python -m benchmarks.teacher_quality --teachers runs/t_a,random:33:0.125:32 \\
+        --mvtec_dir ../shared/data/mvtec_ad --category bottle --synthetic gravel \\
+        --probes descriptor,student,distill --photos_dir ../shared/data/photos \\
+        --out benchmarks/results/teacher_probes.jsonl
+
+Cost on 2 shared CPU cores at 128², ⅛-width p = 33, d = 32: see RESULTS.md.
 """
 
 from __future__ import annotations
 
 import json
+import logging as std_logging
+import time
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
 import ustad  # noqa: F401  (sets the fast CPU flag before JAX starts)
 from benchmarks.common import device_name, emit
-from ustad.checkpointing import Checkpointer
-from ustad.models.pretrained import load_pretrained
-from ustad.train import patches, teacher
-from ustad.train.teacher_steps import _backbone_inputs
+from ustad import probes
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("workdirs", None, "finished teacher workdirs")
-flags.DEFINE_integer("patches", 1024, "fresh patches evaluated")
-flags.DEFINE_integer("seed", 12345, "crop stream (not the trainer's)")
+flags.DEFINE_list("teachers", None, "workdirs, .teacher.npz files, names or random:<p>:<w>:<d>")
+flags.DEFINE_list("workdirs", None, "old name of --teachers (teacher workdirs)")
+flags.DEFINE_list("probes", ["descriptor", "student", "distill"], "probes to run")
+flags.DEFINE_string("mvtec_dir", None, "folder holding MVTec-AD-layout categories")
+flags.DEFINE_string("category", "bottle", "category under --mvtec_dir")
+flags.DEFINE_list("synthetic", ["gravel"], "synthetic categories: textures of ustad.data")
+flags.DEFINE_string("synthetic_dir", "/tmp/ustad_probe_data", "where synthetic data is written")
+flags.DEFINE_integer("synthetic_train", 200, "synthetic train/good images")
+flags.DEFINE_integer("synthetic_test_good", 20, "synthetic test/good images")
+flags.DEFINE_integer("synthetic_test_per_defect", 10, "synthetic defective images per type")
+flags.DEFINE_integer("image_size", 128, "probe image side")
+flags.DEFINE_integer("seed", 0, "bank subset, random-teacher init and students seed")
+# Descriptor probe.
+flags.DEFINE_integer("bank_size", 25_000, "memory-bank descriptors")
+flags.DEFINE_float("sigma", 4.0, "Gaussian smoothing of the maps (pixels)")
+# Student probe: the fixed schedule.
+flags.DEFINE_integer("students", 3, "M")
+flags.DEFINE_integer("student_epochs", 2, "epochs of the student probe")
+flags.DEFINE_integer("student_batch", 2, "images per student step")
+flags.DEFINE_float("student_lr", 1e-3, "student learning rate (paper: 1e-4 for 100 epochs)")
+flags.DEFINE_string("student_workdir", None, "keep the students under <this>/<teacher>/<data>")
+# Distillation probe.
+flags.DEFINE_string("photos_dir", None, "photo folder (its held-out split); default bundled")
+flags.DEFINE_integer("patches", 2048, "evaluation patches (as many again fit the read-out)")
+flags.DEFINE_integer("photo_seed", 12345, "crop stream (not the trainer's)")
+flags.DEFINE_string("backbone", "efficientnet_lite0", "P when the teacher names none")
+flags.DEFINE_integer("backbone_input_size", 0, "P's input side when the teacher names none")
+flags.DEFINE_string("out", None, "also append the lines to this .jsonl file")
 
 
-def _stats(module, teacher_vars, decoder, crops, targets) -> dict:
-    descriptors = np.asarray(jax.jit(module.apply)(teacher_vars, jnp.asarray(crops)))
-    predicted = descriptors @ decoder["kernel"] + decoder["bias"]
-    distillation = float(np.mean(np.sum((predicted - targets) ** 2, axis=-1)))
-    variance = float(np.mean(np.sum((targets - targets.mean(0)) ** 2, axis=-1)))
-    corr = np.corrcoef(descriptors, rowvar=False)
-    off = corr[~np.eye(len(corr), dtype=bool)]
-    return {
-        "distillation": round(distillation, 3),
-        "target_variance": round(variance, 3),
-        "unexplained": round(distillation / variance, 4),
-        "mean_abs_offdiag_corr": round(float(np.nanmean(np.abs(off))), 4),
-    }
+def _datasets(channels: int):
+    """``(name, MVTecCategory)`` of every requested dataset."""
+    from ustad.data import load_mvtec_category, make_synthetic_category
+
+    grayscale = channels == 1
+    size = FLAGS.image_size
+    if FLAGS.mvtec_dir:
+        data = load_mvtec_category(
+            FLAGS.mvtec_dir, FLAGS.category, image_size=size, grayscale=grayscale
+        )
+        yield f"{FLAGS.category}@{size}", data
+    for texture in FLAGS.synthetic:
+        arguments = {
+            "texture": texture,
+            "image_size": size,
+            "num_train": FLAGS.synthetic_train,
+            "num_test_good": FLAGS.synthetic_test_good,
+            "num_test_per_defect": FLAGS.synthetic_test_per_defect,
+            "seed": FLAGS.seed,
+        }
+        category = "synthetic_" + "_".join(f"{v}" for v in arguments.values())
+        root = Path(FLAGS.synthetic_dir)
+        if not (root / category / "synthetic.json").exists():
+            make_synthetic_category(root, category, overwrite=True, **arguments)
+        data = load_mvtec_category(root, category, image_size=size, grayscale=grayscale)
+        yield f"synthetic:{texture}@{size}", data
+
+
+def _students_config(image_size: int):
+    from configs.students import get_config
+
+    config = get_config("p33")
+    config.num_students = FLAGS.students
+    config.epochs = FLAGS.student_epochs
+    config.batch_size = FLAGS.student_batch
+    config.learning_rate = FLAGS.student_lr
+    config.image_size = image_size
+    config.seed = FLAGS.seed
+    config.num_devices = 1
+    config.log_every_steps = 10**9
+    return config
+
+
+def _photos():
+    from ustad.train import patches
+
+    if FLAGS.photos_dir:
+        if hasattr(patches, "photo_folder"):
+            return patches.photo_folder(FLAGS.photos_dir, split="holdout"), (
+                f"{FLAGS.photos_dir} (holdout split)"
+            )
+        return patches.image_files(FLAGS.photos_dir), f"{FLAGS.photos_dir} (all: no split)"
+    return patches.natural_photos(), "bundled natural photos (fresh crops)"
 
 
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
+    std_logging.getLogger("ustad").setLevel(std_logging.WARNING)
+    specs = FLAGS.teachers or FLAGS.workdirs
+    if not specs:
+        raise app.UsageError("--teachers is required")
+    unknown = set(FLAGS.probes) - {"descriptor", "student", "distill"}
+    if unknown:
+        raise app.UsageError(f"unknown probes {sorted(unknown)}")
     device = device_name()
-    for workdir in FLAGS.workdirs:
-        module, teacher_vars, meta = teacher.load_teacher(workdir)
-        with Checkpointer(Path(workdir) / "checkpoints") as checkpointer:
-            state = checkpointer.restore_latest()[1]
-        decoder = jax.tree.map(np.asarray, state["params"]["decoder"]["params"])
-        backbone = load_pretrained(meta["backbone"])
-        p, channels = module.patch_size, int(meta["channels"])
-        key = jax.random.key(FLAGS.seed)
-        with patches.ContextSampler(patches.natural_photos(), p, key) as sampler:
-            crops = np.concatenate(
-                [sampler.sample(s, 64) for s in range(max(1, FLAGS.patches // 64))]
+    backbones = {}
+    photos = None
+    for spec in specs:
+        t0 = time.perf_counter()
+        teacher = probes.load_probe_teacher(spec, seed=FLAGS.seed)
+        description = dict(teacher.description, load_s=round(time.perf_counter() - t0, 2))
+        distill = None
+        if "distill" in FLAGS.probes:
+            from ustad.models.pretrained import load_pretrained
+
+            if photos is None:
+                photos = _photos()
+            name = description["backbone"] or FLAGS.backbone
+            if name not in backbones:
+                backbones[name] = load_pretrained(name)
+            distill = probes.distill_probe(
+                teacher,
+                backbones[name],
+                photos[0],
+                patches=FLAGS.patches,
+                seed=FLAGS.photo_seed,
+                input_size=FLAGS.backbone_input_size or None,
             )
-        if channels == 1:
-            crops_in = np.asarray(patches.to_gray(jnp.asarray(crops)))
-        else:
-            crops_in = crops
-        size = int(meta.get("backbone_input_size") or 0) or None
-        features = jax.jit(
-            lambda v, x, f=backbone.features_fn, c=channels, s=size: f(v, _backbone_inputs(x, c, s))
-        )
-        targets = np.concatenate(
-            [
-                np.asarray(features(backbone.variables, crops[i : i + 64]))
-                for i in range(0, len(crops), 64)
-            ]
-        )
-        trained = _stats(module, teacher_vars, decoder, crops_in, targets)
-        init_vars = module.init(jax.random.key(0), jnp.zeros((1, p, p, channels)))
-        untrained_decoder = {"kernel": np.zeros_like(decoder["kernel"]), "bias": targets.mean(0)}
-        untrained = _stats(module, init_vars, untrained_decoder, crops_in, targets)
-        checkpoint = Path(workdir) / "checkpoints"
-        size_mb = sum(f.stat().st_size for f in checkpoint.rglob("*") if f.is_file()) / 2**20
-        emit(
-            {
+            distill["settings"].update(photo_source=photos[1], backbone=name)
+        for dataset, data in _datasets(int(description["channels"])):
+            record = {
                 "benchmark": "teacher_quality",
                 "device": device,
-                "workdir": str(workdir),
-                "p": p,
-                "channels": channels,
-                "backbone": meta["backbone"],
-                "steps": int(meta["step"]),
-                "patches": len(crops),
-                "trained": trained,
-                "untrained": untrained,
-                "parameters": int(sum(x.size for x in jax.tree.leaves(teacher_vars))),
-                "checkpoint_mb": round(size_mb, 2),
-                "config": json.dumps({"lambda_c": meta["config"].get("lambda_c")}),
+                "teacher": description,
+                "dataset": dataset,
+                "train_images": len(data.train_images),
+                "test_images": len(data.test_images),
+                "defective": int(np.sum(data.test_labels)),
             }
-        )
+            if "descriptor" in FLAGS.probes:
+                record["descriptor"] = probes.descriptor_probe(
+                    teacher,
+                    data.train_images,
+                    data.test_images,
+                    data.test_masks,
+                    data.test_labels,
+                    bank_size=FLAGS.bank_size,
+                    sigma=FLAGS.sigma,
+                    seed=FLAGS.seed,
+                )
+            if "student" in FLAGS.probes:
+                workdir = None
+                if FLAGS.student_workdir:
+                    safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in spec)
+                    workdir = Path(FLAGS.student_workdir) / safe / dataset.replace(":", "_")
+                record["student"] = probes.student_probe(
+                    teacher,
+                    _students_config(FLAGS.image_size),
+                    data.train_images,
+                    data.test_images,
+                    data.test_masks,
+                    data.test_labels,
+                    workdir=workdir,
+                    sigma=FLAGS.sigma,
+                )
+            if distill is not None:
+                record["distill"] = distill
+            emit(record)
+            if FLAGS.out:
+                Path(FLAGS.out).parent.mkdir(parents=True, exist_ok=True)
+                with open(FLAGS.out, "a") as f:
+                    f.write(json.dumps(record) + "\n")
 
 
 if __name__ == "__main__":
-    flags.mark_flag_as_required("workdirs")
     app.run(main)
