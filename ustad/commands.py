@@ -112,9 +112,11 @@ STUDENTS_DOC = """
 Train M students per receptive field on anomaly-free images (paper §4).
 
 Reads: <data_dir>/<category>/train/good/*.png|jpg|bmp only (test/ and ground_truth/ are not
-needed), resized to --config.image_size (a multiple of the network's pooling stride: 8 for
-p=65, 4 for p=33, 2 for p=17); the teacher in --config.teacher_workdir (a workdir, a
-.teacher.npz file or an installed teacher's name; "{p}" is replaced by the patch size).
+needed), resized to --config.image_size: 256 (square) or '(H, W)', multiples of the network's
+pooling stride (8 for p=65, 4 for p=33, 1 for p=17); --config.keep_aspect=True resizes the
+short side to --config.image_size instead and rounds both sides to the stride (a warning says
+when images are squashed by more than 1.5×). The teacher in --config.teacher_workdir (a
+workdir, a .teacher.npz file or an installed teacher's name; "{p}" is replaced by p).
 Writes: <workdir>/checkpoints/<step>/ and metrics.jsonl (one scale), or <workdir>/p<p>/ for
 each of several --config.patch_sizes; resumes an interrupted run, refuses to resume one with
 different settings or data.

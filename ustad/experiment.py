@@ -159,11 +159,12 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | os.PathLike
 
     Args:
       config: see ``configs/demo.py``: ``data_dir`` (empty: synthetic data), ``category``,
-        ``image_size``, ``grayscale``, ``synthetic`` (texture of the synthetic data, or
-        ``"none"``) and ``synthetic_options`` (see :func:`ustad.data.make_synthetic_category`),
-        ``patch_sizes``, ``teacher`` (a teacher config, used when ``teacher_workdir`` is empty),
-        ``teacher_workdir`` (``"{p}"`` template of finished teachers), ``students`` (a students
-        config), ``report`` (example figures).
+        ``image_size``, ``grayscale``, ``keep_aspect`` (optional, as in ``configs/students.py``),
+        ``synthetic`` (texture of the synthetic data, or ``"none"``) and ``synthetic_options``
+        (see :func:`ustad.data.make_synthetic_category`), ``patch_sizes``, ``teacher`` (a
+        teacher config, used when ``teacher_workdir`` is empty), ``teacher_workdir`` (``"{p}"``
+        template of finished teachers), ``students`` (a students config), ``report`` (example
+        figures).
       workdir: output folder.
 
     Returns:
@@ -173,15 +174,26 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | os.PathLike
     from ustad.data import category_folder, load_mvtec_test, load_mvtec_train
     from ustad.scoring import load_scale
     from ustad.train import students as students_lib
+    from ustad.train.student_inputs import size_multiple
 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     timings = {}
     start = time.perf_counter()
     data_dir = _data_dir(config, workdir)
-    sizes = dict(image_size=config.image_size, grayscale=config.grayscale)
-    train_images, _ = load_mvtec_train(data_dir, config.category, **sizes)
-    test = load_mvtec_test(category_folder(data_dir, config.category), **sizes)
+    train_images, _ = load_mvtec_train(
+        data_dir,
+        config.category,
+        image_size=config.image_size,
+        grayscale=config.grayscale,
+        keep_aspect=config.get("keep_aspect", False),
+        multiple=size_multiple(config.patch_sizes),
+    )
+    test = load_mvtec_test(
+        category_folder(data_dir, config.category),
+        image_size=train_images.shape[1:3],
+        grayscale=config.grayscale,
+    )
     channels = train_images.shape[-1]
     print(
         f"[ustad] {Path(data_dir) / config.category}: {len(train_images)} train/good, "

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -73,6 +75,7 @@ PyTree = Any
 
 CHECKPOINT_SUBDIR = "checkpoints"
 FORMAT = "ustad.students/1"
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -264,6 +267,7 @@ class Detector:
         self._groups = [(key, tuple(members)) for key, members in groups.items()]
         self._fns = {}
         self._params = {}
+        self._warned: set[tuple] = set()  # (input size, training size) pairs warned about
         for key, members in self._groups:
             networks = tuple(self.scales[i].network for i in members)
             if compute_dtype is not None:
@@ -301,7 +305,8 @@ class Detector:
         Args:
           images: ``[N, H, W, C]`` float in [0, 1] (or uint8 / uint16, scaled to [0, 1]; other
             ranges raise, see :func:`as_unit_float`), any size (resized to each scale's training
-            size and the maps resized back) and 1 or 3 channels.
+            size and the maps resized back; a warning when that changes the aspect ratio by more
+            than 1.5×) and 1 or 3 channels.
 
         Returns:
           ``(maps [N, H, W] float32, image_scores [N] float32)``.
@@ -311,7 +316,8 @@ class Detector:
             raise ValueError(f"images must be [N, H, W, C], got shape {images.shape}")
         count, height, width = images.shape[:3]
         total = np.zeros((count, height, width), np.float32)
-        for (size, channels), _ in self._groups:
+        for (size, channels), members in self._groups:
+            self._warn_if_squashed((height, width), size, members)
             inputs = _resize_images(convert_channels(images, channels), size)
             maps = self._score_group((size, channels), inputs)
             if maps.shape[1:] != (height, width):
@@ -320,6 +326,28 @@ class Detector:
         maps = total / len(self.scales)
         scores = np.asarray(reduce_maps(jnp.asarray(maps), self.reduction, self.top_k))
         return maps, scores
+
+    def _warn_if_squashed(self, image_hw, size, members) -> None:
+        """Once per input size: a warning when scoring at ``size`` squashes the images."""
+        if (image_hw, size) in self._warned:
+            return
+        self._warned.add((image_hw, size))
+        from ustad.data.images import SQUASH_WARNING_RATIO, aspect_change, fit_size
+
+        change = aspect_change(image_hw, size)
+        if change > SQUASH_WARNING_RATIO:
+            stride = math.lcm(*(self.scales[i].network.stride for i in members))
+            keep = fit_size(image_hw, min(size), keep_aspect=True, multiple=stride)
+            logger.warning(
+                "images of %d×%d (H×W) are scored at the students' training size %d×%d, which "
+                "changes their aspect ratio by %.2f× and distorts small defects; to keep it, "
+                "train the students with --config.keep_aspect=True (the short side becomes "
+                "--config.image_size) or --config.image_size='(%d, %d)'",
+                *image_hw,
+                *size,
+                change,
+                *keep,
+            )
 
     def _score_group(self, key, images: np.ndarray) -> np.ndarray:
         fn, params = self._fns[key], self._params[key]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob
 import io
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,6 +21,12 @@ from PIL import Image
 from ustad.io import atomic_write
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
+
+# Resizing that changes an image's aspect ratio by more than this factor gets a warning: a 2-px
+# pit squashed 2× along one axis is a 1-px line, and small defects are what students must find.
+SQUASH_WARNING_RATIO = 1.5
+
+logger = logging.getLogger(__name__)
 
 # ITU-R BT.601 luma weights, the same ones PIL uses for RGB -> "L".
 _LUMA = np.array([0.299, 0.587, 0.114], np.float32)
@@ -38,13 +45,108 @@ def as_size(image_size: int | Sequence[int]) -> tuple[int, int]:
     Returns:
         `(height, width)`.
     """
-    if isinstance(image_size, int | np.integer):
-        size = (int(image_size), int(image_size))
-    else:
-        size = tuple(int(s) for s in image_size)
+    try:
+        if isinstance(image_size, int | np.integer):
+            size = (int(image_size), int(image_size))
+        else:
+            size = tuple(int(s) for s in image_size)
+    except (TypeError, ValueError):
+        size = ()
     if len(size) != 2 or min(size) < 1:
-        raise ValueError(f"image_size must be a positive int or (height, width), got {image_size}")
+        raise ValueError(
+            f"image_size must be a positive int or (height, width), got {image_size!r} "
+            f"(--config.image_size=256 or --config.image_size='(256, 320)')"
+        )
     return size
+
+
+def fit_size(
+    native_hw: Sequence[int],
+    image_size: int | Sequence[int],
+    *,
+    keep_aspect: bool = False,
+    multiple: int = 1,
+) -> tuple[int, int]:
+    """The `(height, width)` an image of native size `native_hw` is resized to.
+
+    Args:
+        native_hw: the image's `(H, W)`.
+        image_size: an int or `(height, width)`.
+        keep_aspect: False: `image_size` as it is (an int is a square). True: the short side
+            becomes `image_size` (one int) and the long side keeps the aspect ratio; both are
+            rounded to the nearest multiple of `multiple` (at least `multiple`).
+        multiple: what `keep_aspect` rounds to, e.g. the pooling stride of the patch networks.
+
+    Returns:
+        `(height, width)`.
+    """
+    if not keep_aspect:
+        return as_size(image_size)
+    if not isinstance(image_size, int | np.integer):
+        raise ValueError(
+            f"--config.keep_aspect=True resizes the short side to --config.image_size, which "
+            f"must then be one int, got {image_size!r}"
+        )
+    short = as_size(image_size)[0]
+    height, width = (int(s) for s in native_hw)
+    scale = short / min(height, width)
+    return tuple(
+        max(multiple, int(side * scale / multiple + 0.5) * multiple) for side in (height, width)
+    )
+
+
+def aspect_change(native_hw: Sequence[int], size_hw: Sequence[int]) -> float:
+    """How much resizing `native_hw` to `size_hw` changes the aspect ratio, as a factor ≥ 1."""
+    ratio = (native_hw[0] / native_hw[1]) / (size_hw[0] / size_hw[1])
+    return max(ratio, 1 / ratio)
+
+
+def warn_if_squashed(
+    native_sizes: Sequence[Sequence[int]],
+    names: Sequence[str | os.PathLike],
+    size_hw: Sequence[int],
+    *,
+    multiple: int = 1,
+    keep_aspect: bool = False,
+) -> str | None:
+    """Logs one warning when resizing images to `size_hw` changes the aspect ratio of any of
+    them by more than `SQUASH_WARNING_RATIO`; the warning says how to keep it.
+
+    Args:
+        native_sizes: each image's native `(H, W)`.
+        names: the images (paths), for the example named in the message.
+        size_hw: the `(height, width)` they are resized to.
+        multiple: the pooling stride, for the suggested `--config.image_size`.
+        keep_aspect: `size_hw` already keeps the aspect ratio of most images (the others have
+            another shape, which one size cannot keep).
+
+    Returns:
+        The warning, or None.
+    """
+    changes = [aspect_change(hw, size_hw) for hw in native_sizes]
+    squashed = [i for i, change in enumerate(changes) if change > SQUASH_WARNING_RATIO]
+    if not squashed:
+        return None
+    worst = max(squashed, key=changes.__getitem__)
+    native = tuple(int(s) for s in native_sizes[worst])
+    keep = fit_size(native, min(size_hw), keep_aspect=True, multiple=multiple)
+    if keep_aspect:
+        hint = (
+            "--config.keep_aspect=True keeps the most common shape only: crop these images, or "
+            "train them as a category of their own"
+        )
+    else:
+        hint = (
+            f"to keep it, train with --config.keep_aspect=True (the short side becomes "
+            f"--config.image_size) or --config.image_size='({keep[0]}, {keep[1]})'"
+        )
+    message = (
+        f"{len(squashed)} of {len(changes)} images are resized to {size_hw[0]}×{size_hw[1]} "
+        f"(H×W), changing their aspect ratio by up to {changes[worst]:.2f}× (e.g. "
+        f"{names[worst]}, {native[0]}×{native[1]}), which distorts small defects; {hint}"
+    )
+    logger.warning("%s", message)
+    return message
 
 
 def list_image_files(directory: str | os.PathLike) -> list[Path]:
@@ -75,10 +177,11 @@ def _pil_to_float(img: Image.Image) -> np.ndarray:
     return np.asarray(img.convert("RGB"), np.float32) / 255.0
 
 
-def _open_and_convert(path: Path, convert):
+def _open_and_convert(path: Path, convert, *, load: bool = True):
     try:
         with Image.open(path) as img:
-            img.load()
+            if load:
+                img.load()
             return convert(img)
     except FileNotFoundError:
         raise FileNotFoundError(f"Image file not found: {path}") from None
@@ -110,6 +213,15 @@ def read_image(path: str | os.PathLike, *, grayscale: bool = False) -> np.ndarra
     if grayscale:
         return (array @ _LUMA)[..., None].astype(np.float32)
     return array
+
+
+def read_image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """`(H, W)` of an image file from its header (the pixels are not decoded).
+
+    Raises:
+        FileNotFoundError, ValueError: as `read_image` (the message names the file).
+    """
+    return _open_and_convert(Path(path), lambda img: (img.height, img.width), load=False)
 
 
 def read_mask(path: str | os.PathLike) -> np.ndarray:

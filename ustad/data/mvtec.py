@@ -7,11 +7,13 @@
 <root>/<category>/ground_truth/<defect_type>/<name>_mask.png
 ```
 Any category name works, so users' own data in this layout loads the same way as MVTec AD.
-Images may be png/jpg/jpeg/bmp (any case), grayscale or RGB, of any size.
+Images may be png/jpg/jpeg/bmp (any case), grayscale or RGB, of any size; resizing that changes
+their aspect ratio by more than 1.5× logs a warning (see `ustad.data.images.warn_if_squashed`).
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import os
 from collections.abc import Sequence
@@ -22,11 +24,14 @@ import numpy as np
 from ustad.data.images import (
     IMAGE_EXTENSIONS,
     as_size,
+    fit_size,
     list_image_files,
     read_image,
+    read_image_size,
     read_mask,
     resize_image,
     resize_mask,
+    warn_if_squashed,
 )
 
 MVTEC_CATEGORIES = (
@@ -216,14 +221,27 @@ def load_mvtec_train(
     *,
     image_size: int | Sequence[int] = 256,
     grayscale: bool = False,
+    keep_aspect: bool = False,
+    multiple: int = 1,
 ) -> tuple[np.ndarray, list[str]]:
     """Only `<root>/<category>/train/good`, for training (no `test/` or masks needed).
+
+    Args:
+        root, category, image_size, grayscale: see `load_mvtec_category`.
+        keep_aspect: resize the short side to `image_size` (an int) and the long side by the
+            same factor, both rounded to a multiple of `multiple` (see
+            `ustad.data.images.fit_size`); the size comes from the most common native size, so
+            images of another aspect ratio are squashed to it (with a warning).
+        multiple: what `keep_aspect` rounds to: the patch networks' pooling stride.
 
     Returns:
         `(images [N, H, W, C] float32 in [0, 1], N paths)`; see `load_mvtec_category`.
     """
-    size = as_size(image_size)
     paths = index_train(category_folder(root, category))
+    native = [read_image_size(path) for path in paths]
+    common = collections.Counter(native).most_common(1)[0][0]
+    size = fit_size(common, image_size, keep_aspect=keep_aspect, multiple=multiple)
+    warn_if_squashed(native, paths, size, multiple=multiple, keep_aspect=keep_aspect)
     images = np.empty((len(paths), *size, 1 if grayscale else 3), np.float32)
     for i, path in enumerate(paths):
         images[i] = resize_image(read_image(path, grayscale=grayscale), size)
@@ -259,6 +277,8 @@ def load_mvtec_category(
     *,
     image_size: int | Sequence[int] = 256,
     grayscale: bool = False,
+    keep_aspect: bool = False,
+    multiple: int = 1,
 ) -> MVTecCategory:
     """Loads one category of MVTec AD (or any data in its folder layout) into memory.
 
@@ -268,6 +288,7 @@ def load_mvtec_category(
         image_size: output size, an int or `(height, width)`; images are resized bilinearly with
             antialiasing, masks by nearest neighbour and then binarised (> 0).
         grayscale: one luminance channel (C = 1) instead of three (C = 3).
+        keep_aspect, multiple: see `load_mvtec_train`; the test images get the training size.
 
     Returns:
         The category; see `MVTecCategory` for shapes.
@@ -279,9 +300,14 @@ def load_mvtec_category(
     """
     index = index_mvtec_category(root, category)
     train_images, train_paths = load_mvtec_train(
-        root, category, image_size=image_size, grayscale=grayscale
+        root,
+        category,
+        image_size=image_size,
+        grayscale=grayscale,
+        keep_aspect=keep_aspect,
+        multiple=multiple,
     )
-    test = _load_test_entries(index.test, as_size(image_size), grayscale)
+    test = _load_test_entries(index.test, train_images.shape[1:3], grayscale)
     return MVTecCategory(
         train_images=train_images,
         train_paths=train_paths,
@@ -335,12 +361,16 @@ def load_mvtec_test(
 
 
 def _load_test_entries(entries, size, grayscale) -> MVTecTestSet:
+    size = tuple(int(s) for s in size)
     images = np.empty((len(entries), *size, 1 if grayscale else 3), np.float32)
     masks = np.empty((len(entries), *size), bool)
+    native = []
     for i, entry in enumerate(entries):
         image = read_image(entry.image_path, grayscale=grayscale)
+        native.append(image.shape[:2])
         masks[i] = resize_mask(read_test_mask(entry, image.shape[:2]), size)
         images[i] = resize_image(image, size)
+    warn_if_squashed(native, [e.image_path for e in entries], size)
     return MVTecTestSet(
         images=images,
         masks=masks,

@@ -372,10 +372,12 @@ def _check_values(losses: np.ndarray, step: int) -> None:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike):
     """Train the students of every scale in ``config.patch_sizes`` on an MVTec-layout category.
 
-    Loads ``config.data_dir/config.category/train/good`` only (resized to ``config.image_size``;
-    ``test/`` and ``ground_truth/`` are for evaluation and need not exist), holds out
-    ``config.val_fraction`` of it for the score normalisation, and trains each scale into
-    ``workdir`` (one scale) or ``workdir/p<p>`` (several). Interrupted runs resume.
+    Loads ``config.data_dir/config.category/train/good`` only (``test/`` and ``ground_truth/``
+    are for evaluation and need not exist), resized to ``config.image_size`` (an int or
+    ``(H, W)``; with ``config.keep_aspect``, the short side to ``config.image_size`` and both
+    sides rounded to the pooling stride), holds out ``config.val_fraction`` of it for the score
+    normalisation, and trains each scale into ``workdir`` (one scale) or ``workdir/p<p>``
+    (several). Interrupted runs resume.
 
     Returns:
       The trained :class:`~ustad.scoring.ScaleModel` of each scale.
@@ -387,6 +389,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         config.category,
         image_size=config.image_size,
         grayscale=config.get("grayscale", False),
+        keep_aspect=config.get("keep_aspect", False),
+        multiple=inputs.size_multiple(config.patch_sizes),
     )
     scales = []
     for p in config.patch_sizes:
