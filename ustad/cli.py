@@ -92,6 +92,22 @@ def _rewrite_config_args(args: list[str]) -> list[str]:
     return rewritten
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to ``sys.stderr`` as it is at each line, not as it was when the handler was made,
+    so callers that swap it (``main`` run in-process by tests or notebooks) get the lines."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def _setup_logging() -> None:
     """ustad's own INFO lines on stderr; JAX's and absl's below WARNING stay quiet (Orbax's are
     filtered in :mod:`ustad.checkpointing`)."""
@@ -100,7 +116,7 @@ def _setup_logging() -> None:
     absl_logging.set_verbosity(absl_logging.WARNING)
     package = logging.getLogger("ustad")
     if not any(getattr(h, "_ustad_cli", False) for h in package.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("[ustad] %(message)s"))
         handler._ustad_cli = True
         package.addHandler(handler)
