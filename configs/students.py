@@ -33,14 +33,19 @@ def base_config() -> ml_collections.ConfigDict:
     # Data: an MVTec-AD-layout category; train/good is split into training and validation.
     config.data_dir = "data/mvtec_ad"
     config.category = "bottle"
-    config.image_size = 256
+    # An int (square) or "(H, W)"; keep_aspect: the short side to image_size, the long side
+    # by the same factor, both rounded to the pooling stride (non-square inspection images).
+    config.image_size = ml_collections.FieldReference(256, field_type=object)
+    config.keep_aspect = False
     config.grayscale = False
     config.val_fraction = 0.1  # paper: "a validation set"; its size is unstated
     config.synthetic_data = False  # write a synthetic category into data_dir first (smoke)
 
-    # Networks. "{p}" is replaced by the patch size; "random" = untrained teacher (smoke only).
+    # Networks. The teacher: a name (the teachers shipped with ustad: `ustad teachers` lists
+    # them), a teacher file or a teacher workdir; "{p}" is replaced by the patch size; "random"
+    # = an untrained teacher (smoke only).
     config.patch_sizes = (65,)
-    config.teacher_workdir = "runs/teacher_p{p}"
+    config.teacher_workdir = "p{p}"
     config.teacher_widths = None  # only for a random teacher: None = paper widths
     config.out_dim = 128  # only for a random teacher; a loaded teacher brings its own
     config.num_students = 3  # M
@@ -51,7 +56,7 @@ def base_config() -> ml_collections.ConfigDict:
     config.learning_rate = 1e-4
     config.weight_decay = 1e-5
     config.compute_dtype = "float32"  # "bfloat16": students in bf16, params/loss in float32
-    config.padding = "reflect"  # how images are padded by (p-1)/2 for dense extraction
+    config.padding = "reflect"  # mode of the p − 1 padding of dense extraction (dense.py)
     # How the M students are run in the step: "vmap" (batched) or "sequential" (one after another
     # in one program); "auto" = sequential on CPU (measured faster), vmap on accelerators.
     config.member_strategy = "auto"
@@ -81,10 +86,13 @@ def get_config(arg: str = "p65") -> ml_collections.ConfigDict:
 
     * ``p17``, ``p33``, ``p65``: one receptive field, the paper's settings. Command:
       ``python scripts/train_students.py --config configs/students.py:p65 --workdir
-      runs/students_p65`` (teacher expected in ``runs/teacher_p65``). Runtime: see the module
+      runs/students_p65`` (teacher: the shipped ``p65``, or any name/file/workdir in
+      ``--config.teacher_workdir``). Runtime: see the module
       docstring (weeks on 2 CPU cores at 256², minutes on one H100).
     * ``multiscale``: all three in one run, each into ``<workdir>/p17``, ``p33``, ``p65``;
       ``scripts/score.py --workdirs <workdir>`` averages them. About 3× the p65 runtime.
+    * ``p17_small``, ``p33_small``, ``p65_small``, ``multiscale_small``: the same with the
+      shipped small teachers (an eighth of the widths, d = 32): ~40× fewer FLOPs per step.
     * ``smoke``: tiny random teacher, 32² synthetic images written to ``/tmp`` on the fly, 2
       epochs: ``python scripts/train_students.py --config configs/students.py:smoke --workdir
       /tmp/ustad_smoke`` runs end to end in under a minute on CPU (no data, no teacher needed;
@@ -93,6 +101,11 @@ def get_config(arg: str = "p65") -> ml_collections.ConfigDict:
     config = base_config()
     if arg in PATCH_SIZES:
         config.patch_sizes = PATCH_SIZES[arg]
+        return config
+    if arg.endswith("_small") and arg[: -len("_small")] in PATCH_SIZES:
+        # The shipped small teachers (⅛ widths, d = 32); students share their architecture.
+        config.patch_sizes = PATCH_SIZES[arg[: -len("_small")]]
+        config.teacher_workdir = "p{p}_small"
         return config
     if arg == "smoke":
         config.data_dir = "/tmp/ustad_smoke_data"
@@ -109,4 +122,6 @@ def get_config(arg: str = "p65") -> ml_collections.ConfigDict:
         config.val_fraction = 0.25
         config.log_every_steps = 2
         return config
-    raise ValueError(f"unknown config {arg!r}; choose p17, p33, p65, multiscale or smoke")
+    raise ValueError(
+        f"unknown config {arg!r}; choose p17, p33, p65, multiscale (each also with _small) or smoke"
+    )
