@@ -22,7 +22,11 @@ once under ``--synthetic_dir``), all at ``--image_size``::
         --probes descriptor,student,distill --photos_dir ../shared/data/photos \\
         --out benchmarks/results/teacher_probes.jsonl
 
-Cost on 2 shared CPU cores at 128², ⅛-width p = 33, d = 32: see RESULTS.md.
+Measured cost per (teacher, dataset) at 128², ⅛ width, d = 32, on 2 CPU cores shared with a
+teacher training: descriptor 37–81 s (bank 25k; bottle's 83 test images ≈ 70 s of exact NN
+matmuls), student 3–4.5 min (M = 3, 2 epochs of batch 2 at lr 1e-3: 188 steps on bottle, 180 on
+the default synthetic set), distill 8–16 s per teacher. Skip the synthetic set with
+``--synthetic=``.
 """
 
 from __future__ import annotations
@@ -71,8 +75,9 @@ flags.DEFINE_string("out", None, "also append the lines to this .jsonl file")
 
 
 def _datasets(channels: int):
-    """``(name, MVTecCategory)`` of every requested dataset."""
+    """``(name, MVTecCategory, settings)`` of every requested dataset."""
     from ustad.data import load_mvtec_category, make_synthetic_category
+    from ustad.train import patches
 
     grayscale = channels == 1
     size = FLAGS.image_size
@@ -80,7 +85,7 @@ def _datasets(channels: int):
         data = load_mvtec_category(
             FLAGS.mvtec_dir, FLAGS.category, image_size=size, grayscale=grayscale
         )
-        yield f"{FLAGS.category}@{size}", data
+        yield f"{FLAGS.category}@{size}", data, {"root": FLAGS.mvtec_dir}
     for texture in FLAGS.synthetic:
         arguments = {
             "texture": texture,
@@ -95,7 +100,11 @@ def _datasets(channels: int):
         if not (root / category / "synthetic.json").exists():
             make_synthetic_category(root, category, overwrite=True, **arguments)
         data = load_mvtec_category(root, category, image_size=size, grayscale=grayscale)
-        yield f"synthetic:{texture}@{size}", data
+        # The bundled fallback corpus includes some of these textures: a teacher trained on it
+        # has seen the synthetic category's source (not its defects).
+        seen = texture in patches.NATURAL_PHOTOS
+        info = dict(arguments, root=str(root / category), in_bundled_photos=seen)
+        yield f"synthetic:{texture}@{size}", data, info
 
 
 def _students_config(image_size: int):
@@ -160,12 +169,13 @@ def main(argv):
                 input_size=FLAGS.backbone_input_size or None,
             )
             distill["settings"].update(photo_source=photos[1], backbone=name)
-        for dataset, data in _datasets(int(description["channels"])):
+        for dataset, data, data_settings in _datasets(int(description["channels"])):
             record = {
                 "benchmark": "teacher_quality",
                 "device": device,
                 "teacher": description,
                 "dataset": dataset,
+                "dataset_settings": data_settings,
                 "train_images": len(data.train_images),
                 "test_images": len(data.test_images),
                 "defective": int(np.sum(data.test_labels)),

@@ -1,5 +1,6 @@
 """Teacher probes: exact nearest neighbours, the memory bank, P's window, R², end to end."""
 
+import functools
 import types
 
 import jax
@@ -14,9 +15,13 @@ from ustad.models.patch_net import patch_net
 P, SIZE, DIM = 17, 16, 8
 
 
+# threefry's random bits take seconds to compile on XLA:CPU; rbg keys keep the tests fast.
+KEY = functools.partial(jax.random.key, impl="rbg")
+
+
 @pytest.fixture(scope="module")
 def teacher():
-    return probes.load_probe_teacher(f"random:{P}:0.0625:{DIM}", seed=1)
+    return probes.random_teacher(P, 1 / 16, DIM, key=KEY(1))
 
 
 def _images(seed, count, size=SIZE):
@@ -34,17 +39,23 @@ def test_nearest_neighbour_distances_equal_brute_force():
     assert probes.nearest_neighbour_distances(bank[3:4], bank)[0] < 1e-3
 
 
-def test_random_teacher_is_the_architecture_initialised_by_seed(teacher):
+def test_random_teacher_is_the_architecture_initialised_by_its_key(teacher):
     module = patch_net(P, out_dim=DIM, widths=1 / 16)
-    expected = module.init(jax.random.key(1), jnp.zeros((1, P, P, 3)))
+    expected = jax.jit(module.init)(KEY(1), jnp.zeros((1, P, P, 3)))
     assert teacher.module == module
     jax.tree.map(np.testing.assert_array_equal, teacher.variables, expected)
     assert teacher.decoder is None
     assert teacher.description["p"] == P and teacher.description["d"] == DIM
     assert teacher.description["width_fraction"] == 0.0625
     assert teacher.description["steps"] == 0
-    with pytest.raises(ValueError, match="random:<p>"):
-        probes.load_probe_teacher("random:17:0.5")
+
+
+def test_parse_random_spec():
+    assert probes.parse_random_spec("random:33:0.125:32") == (33, 0.125, 32)
+    assert probes.parse_random_spec("random:65:paper:128") == (65, None, 128)
+    for bad in ("random:17:0.5", "17:0.5:8"):
+        with pytest.raises(ValueError, match="random:<p>"):
+            probes.parse_random_spec(bad)
 
 
 def test_memory_bank_is_a_seeded_subset_of_the_dense_descriptors(teacher):
