@@ -82,6 +82,25 @@ def test_compactness_is_zero_for_decorrelated_and_large_for_correlated_dimension
     assert value > 0.99 * dim * (dim - 1)
 
 
+def test_signed_compactness_sits_at_its_floor_while_dimensions_stay_correlated():
+    """Why the default is squared: once the standardised dimensions sum to a constant (one
+    linear dependency), the paper's signed sum is at its minimum −d although the dimensions are
+    strongly correlated; the squared sum still sees the correlation."""
+    batch, dim = 256, 8
+    centred = _rng(10).normal(size=(batch, 2))
+    q, _ = np.linalg.qr(centred - centred.mean(axis=0))  # two exactly uncorrelated signals
+    a, b = (q * np.sqrt(batch)).T
+    # Blocks (a, a, −a, −a) and (b, b, −b, −b): every |c_ij| within a block is 1, and the
+    # standardised dimensions sum to zero.
+    x = np.stack([a, a, -a, -a, b, b, -b, -b], axis=1)
+    signed = float(compactness_loss(jnp.asarray(x, jnp.float32), mode="signed"))
+    np.testing.assert_allclose(signed, -dim, atol=1e-3)
+    correlation = np.corrcoef(x, rowvar=False)
+    assert np.abs(correlation[~np.eye(dim, dtype=bool)]).mean() > 0.3
+    squared = float(compactness_loss(jnp.asarray(x, jnp.float32)))  # the default
+    assert squared > 0.1 * dim * (dim - 1)
+
+
 def test_compactness_is_not_the_sample_correlation():
     x = _rng(7).normal(size=(16, 5)).astype(np.float32)
     ours = float(compactness_loss(x))
@@ -103,7 +122,8 @@ def test_compactness_constant_dimension_is_finite_with_finite_gradient():
     value, grad = jax.jit(jax.value_and_grad(compactness_loss))(jnp.asarray(x))
     assert np.isfinite(float(value))
     assert np.all(np.isfinite(np.asarray(grad)))
-    np.testing.assert_allclose(float(value), _numpy_compactness(np.delete(x, 2, 1)), rtol=1e-4)
+    expected = _numpy_compactness(np.delete(x, 2, 1), "squared")
+    np.testing.assert_allclose(float(value), expected, rtol=1e-4)
 
 
 def test_compactness_jit_equals_eager_and_rejects_bad_inputs():

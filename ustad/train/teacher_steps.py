@@ -157,7 +157,7 @@ def make_train_step(
     backbone_input_size: int | None = None,
     loss_weights: tuple[float, float, float] = (1.0, 0.0, 1.0),
     margin: float = 1.0,
-    compactness_mode: str = "signed",
+    compactness_mode: str = "squared",
     max_shift: float = 2.0,
     zoom: float = 0.1,
     noise_std: float = 0.02,
