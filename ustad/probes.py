@@ -108,6 +108,21 @@ def _describe(module: PatchNet, source: str, channels: int, meta: dict) -> dict:
         "steps": meta.get("step"),
         "backbone": meta.get("backbone"),
         "backbone_input_size": int(meta.get("backbone_input_size") or 0) or None,
+        # The training choices the probes compare (absent for a random teacher).
+        "training": {
+            key: meta.get("config", {}).get(key)
+            for key in (
+                "compactness_mode",
+                "lambda_k",
+                "lambda_c",
+                "lambda_m",
+                "batch_size",
+                "crop_levels",
+                "flip",
+                "color_jitter",
+            )
+        }
+        | {"corpus": meta.get("source"), "backbone_window": meta.get("backbone_window")},
     }
 
 
