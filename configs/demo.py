@@ -8,14 +8,15 @@ Data: with ``data_dir`` empty (the default) the demo writes a synthetic category
 ``<data_dir>/<category>`` in the MVTec layout and makes nothing up (``synthetic`` is then
 ignored; ``--config.synthetic=none`` with an empty ``data_dir`` is an error asking for one).
 
-A synthetic category (real scikit-image texture, procedural defects with exact masks) → a
-teacher distilled from EfficientNet-Lite0 on natural-image patches (never the demo data) →
-M = 3 students → anomaly maps → report (metrics table, PRO/ROC curves, heatmap overlays).
+A synthetic category (real scikit-image texture, procedural defects with exact masks) → the
+shipped small teachers ``p17_small`` and ``p33_small`` (distilled from EfficientNet-Lite0 on real
+photographs, never the demo data; ``ustad teachers`` lists them) → M = 3 students → anomaly
+maps → report (metrics table, PRO/ROC curves, heatmap overlays). ``--config.teacher_workdir=``
+(empty) trains the teachers of ``config.teacher`` instead (500 steps each).
 
-What is smaller than the paper, to fit ~10 minutes on 2 CPU cores: 64×64 images, p = 17 and 33
-at an eighth of the paper's widths (d = 32), a 500-step teacher of 32 patches (paper: 50,000
-of 64), 12 student epochs (paper: 100). Everything else is the paper's pipeline and the same
-code paths as the full configs.
+What is smaller than the paper, to fit a few minutes on 2 CPU cores: 64×64 images, p = 17 and 33
+at an eighth of the paper's widths (d = 32), 12 student epochs (paper: 100). Everything else is
+the paper's pipeline and the same code paths as the full configs.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         {"num_train": 32, "num_test_good": 12, "num_test_per_defect": 6, "seed": 0}
     )
     config.patch_sizes = (17, 33)
-    config.teacher_workdir = ""  # empty: train the teachers below into <out>/teacher_p<p>
+    # The shipped small teachers by name; empty: train the teachers below into <out>/teacher_p<p>.
+    config.teacher_workdir = "p{p}_small"
 
     teacher = teacher_configs.get_config("p33")
     teacher.widths = 0.125
