@@ -1,4 +1,5 @@
-# Two entry points on a fresh machine: `make demo` and `make test`. Each builds .venv first.
+# Two entry points on a fresh machine: `make demo` and `make test`. Each builds .venv first
+# (with the test and export extras, so the ONNX equivalence tests run in CI).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -9,7 +10,7 @@ STAMP := $(VENV)/.ustad-installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test,export]"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -173,12 +173,20 @@ Writes, for every image <rel> (its path below the images' common folder, extensi
 Time: compilation (seconds), then per image at 256² with the paper's nets ~10–14 s per scale
 and 35 s multi-scale on 2 CPU cores (benchmarks/RESULTS.md); the demo's small nets at 64²
 score several images a second. GPU speed is not measured yet.
+With --model=detector.onnx or detector.jaxexport (`ustad export`) instead of --workdirs, the
+exported model scores (images resized to its size on the host as the students' are, maps back).
 """
 
 
 def _define_score(fv, argv):
     flags.DEFINE_list(
         "workdirs", None, "students workdir(s); their scales are averaged", flag_values=fv
+    )
+    flags.DEFINE_string(
+        "model",
+        None,
+        "an exported detector (.onnx, .jaxexport) instead of --workdirs",
+        flag_values=fv,
     )
     flags.DEFINE_string("images", None, "image folder, glob pattern or single file", flag_values=fv)
     flags.DEFINE_string("out", None, "output folder", flag_values=fv)
@@ -216,10 +224,17 @@ def _run_score(fv):
     from ustad.score_files import output_names, score_files
     from ustad.scoring import Detector
 
+    if bool(fv["workdirs"].value) == bool(fv["model"].value):
+        raise ValueError("give either --workdirs (trained students) or --model (an exported file)")
     paths = resolve_image_paths(fv["images"].value)
     output_names(paths)  # clashes and unreadable images fail before the students load
     images = [read_image(path) for path in paths]
-    detector = Detector.load(fv["workdirs"].value, **_detector_kwargs(fv))
+    if fv["model"].value:
+        from ustad.deploy import load
+
+        detector = load(fv["model"].value, batch_size=fv["batch_size"].value)
+    else:
+        detector = Detector.load(fv["workdirs"].value, **_detector_kwargs(fv))
     _, _, (vmin, vmax) = score_files(
         detector,
         paths,
@@ -229,6 +244,78 @@ def _run_score(fv):
         vmax=fv["vmax"].value,
     )
     print(f"scored {len(paths)} images -> {fv['out'].value} (colour scale {vmin:.3g} … {vmax:.3g})")
+
+
+# ------------------------------------------------------------------------------------- export
+
+EXPORT_DOC = """
+Export trained students as one file that scores images without ustad's training code.
+
+Reads: the students in --workdirs (one scale, a multi-scale run, or several; as `ustad score`).
+Writes: --out, by its suffix: detector.onnx (ONNX, opset 23: input images [N, H, W, C] float32
+in [0, 1], N dynamic; outputs anomaly_map [N, H, W] and image_score [N]; needs
+`pip install ustad[export]`) or detector.jaxexport (serialized StableHLO for CPU, CUDA and TPU
+with its weights and a JSON header; needs JAX only). Both hold the ustad version, p's, image
+size, channels and the teachers' names and SHA-256. Then: ustad score --model=<out>.
+Time: seconds to a minute to convert; the check (--check, on by default) scores two random
+images with the file and with the students and stops if they differ (~1 min per scale at
+256² with the paper's nets on 2 CPU cores).
+"""
+
+
+def _define_export(fv, argv):
+    flags.DEFINE_list(
+        "workdirs", None, "students workdir(s); their scales are averaged", flag_values=fv
+    )
+    flags.DEFINE_string("out", None, "the file to write: *.onnx or *.jaxexport", flag_values=fv)
+    flags.DEFINE_integer(
+        "size", 0, "image size it takes (0: the students' training size)", flag_values=fv
+    )
+    flags.DEFINE_enum(
+        "reduction", "max", ["max", "mean", "topk"], "image score from the map", flag_values=fv
+    )
+    flags.DEFINE_integer("top_k", 100, "pixels averaged by --reduction=topk", flag_values=fv)
+    flags.DEFINE_enum(
+        "method",
+        "multipool",
+        ["multipool", "atrous"],
+        "dense extraction (both exact)",
+        flag_values=fv,
+    )
+    flags.DEFINE_bool("check", True, "compare with the students on random images", flag_values=fv)
+
+
+def _run_export(fv):
+    from ustad import deploy
+
+    scales, sources = deploy.load_scales(fv["workdirs"].value)
+    try:
+        meta = deploy.export(
+            scales,
+            fv["out"].value,
+            size=fv["size"].value or None,
+            reduction=fv["reduction"].value,
+            top_k=fv["top_k"].value,
+            method=fv["method"].value,
+            sources=sources,
+            check=fv["check"].value,
+        )
+    except ImportError as error:  # no ONNX converter: one error line, not a traceback
+        raise ValueError(str(error)) from error
+    size = "×".join(str(s) for s in meta["image_size"])
+    print(
+        f"exported p={'+'.join(str(p) for p in meta['patch_sizes'])} for {size}×"
+        f"{meta['channels']} images -> {fv['out'].value} "
+        f"({os.path.getsize(fv['out'].value) / 1e6:.1f} MB)"
+    )
+    check = meta.get("check", {})
+    if "skipped" in check:
+        print(f"check skipped: {check['skipped']}")
+    elif check:
+        print(
+            f"check: max |Δ| {check['max_abs_map']:.3g} (maps), {check['max_abs_score']:.3g} "
+            f"(scores) against the students, tolerance {check['tolerance']:.3g}"
+        )
 
 
 # ----------------------------------------------------------------------------------- evaluate
@@ -372,7 +459,14 @@ COMMANDS = {
         SCORE_DOC,
         _define_score,
         _run_score,
-        ("workdirs", "images", "out"),
+        ("images", "out"),
+    ),
+    "export": Command(
+        "one .onnx or .jaxexport file that scores without ustad",
+        EXPORT_DOC,
+        _define_export,
+        _run_export,
+        ("workdirs", "out"),
     ),
     "evaluate": Command(
         "metrics and figures on a labelled test set",

@@ -74,7 +74,9 @@ def score_files(
     """Score image files and write their maps, overlays and ``scores.csv`` under ``out``.
 
     Args:
-        detector: a :class:`ustad.scoring.Detector`.
+        detector: a :class:`ustad.scoring.Detector`, or an exported model
+            (:class:`ustad.deploy.ExportedDetector`; anything with ``batch_size`` and
+            ``score(images) -> (maps, scores)``).
         paths: image files (any size; images of one size are scored together).
         out: output folder.
         images: the images already read (``[H_i, W_i, C]`` float32 in [0, 1]); default: read

@@ -1,0 +1,242 @@
+"""Exported detectors (ustad.deploy) score as Detector.score does.
+
+Tolerance: the exported programs run the same float32 arithmetic (the JAX one to the bit on
+CPU), ONNX Runtime in its own order, so every max |exported − Detector.score| on maps and image
+scores must stay within ``TOLERANCE × max(1, max |map|)`` (= ustad.deploy.CHECK_TOLERANCE;
+measured: 0 for the JAX artefact, ~5e-7 relative for ONNX Runtime).
+"""
+
+import json
+import subprocess
+import sys
+import textwrap
+import zipfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ustad import cli, deploy
+from ustad.data.synthetic import make_synthetic_category
+from ustad.deploy_graph import make_scorer, scale_weights, teacher_sha256
+from ustad.models.patch_net import patch_net
+from ustad.scoring import Detector, ScaleModel, ScoreNormalization
+
+pytest.importorskip("jax2onnx")
+ort = pytest.importorskip("onnxruntime")
+
+TOLERANCE = deploy.CHECK_TOLERANCE
+SIZE = 32
+
+
+def _scale(p, seed, norm, channels=3):
+    network = patch_net(p, widths=1 / 16, out_dim=8)
+    sample = jnp.zeros((1, p, p, channels))
+    keys = jax.random.split(jax.random.key(seed), 4)
+    params = {
+        "teacher": network.init(keys[0], sample),
+        "students": jax.vmap(lambda key: network.init(key, sample))(keys[1:]),
+        "mean": jnp.full(8, 0.01),
+        "std": jnp.full(8, 0.2),
+    }
+    return ScaleModel(network, jax.tree.map(np.asarray, params), norm, (SIZE, SIZE), channels)
+
+
+@pytest.fixture(scope="module")
+def scales():
+    # p = 17 (no pooling) and p = 33 (two poolings: multi-pooling and unwarp are exercised).
+    return (
+        _scale(17, 0, ScoreNormalization(1.0, 2.0, 0.1, 0.05)),
+        _scale(33, 1, ScoreNormalization(-1.0, 0.5, 0.2, 0.1)),
+    )
+
+
+@pytest.fixture(scope="module")
+def images():
+    return np.random.default_rng(0).uniform(size=(3, SIZE, SIZE, 3)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def exported(scales, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("deploy")
+    paths = {suffix: folder / f"detector{suffix}" for suffix in deploy.SUFFIXES}
+    for path in paths.values():
+        deploy.export(scales, path, sources=["p17-teacher", "p33-teacher"], check=False)
+    return paths
+
+
+def _assert_close(outputs, reference):
+    limit = TOLERANCE * max(1.0, float(np.abs(reference[0]).max()))
+    for got, want in zip(outputs, reference, strict=True):
+        assert got.shape == want.shape and got.dtype == np.float32
+        assert float(np.abs(got - want).max()) <= limit
+
+
+@pytest.mark.parametrize("suffix", deploy.SUFFIXES)
+def test_exported_scores_equal_detector_score(scales, images, exported, suffix):
+    reference = Detector(scales, batch_size=3).score(images)
+    model = deploy.load(exported[suffix])
+    _assert_close(model(images), reference)
+    # The batch is dynamic: one image and three images from the same file.
+    _assert_close(model(images[:1]), (reference[0][:1], reference[1][:1]))
+
+
+def test_onnx_runtime_session_itself_gives_the_maps(scales, images, exported):
+    session = ort.InferenceSession(str(exported[".onnx"]), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["images"]
+    assert [o.name for o in session.get_outputs()] == ["anomaly_map", "image_score"]
+    assert session.get_inputs()[0].shape[1:] == [SIZE, SIZE, 3]
+    maps, scores = session.run(None, {"images": images})
+    _assert_close((maps, scores), Detector(scales, batch_size=3).score(images))
+
+
+@pytest.mark.parametrize("suffix", deploy.SUFFIXES)
+def test_another_image_size_is_rejected_naming_both(exported, suffix):
+    model = deploy.load(exported[suffix])
+    with pytest.raises(ValueError, match=r"exported for 32×32 images with 3 channels.*40, 40"):
+        model(np.zeros((1, 40, 40, 3), np.float32))
+    with pytest.raises(ValueError, match="1 channels|3 channels"):
+        model(np.zeros((1, SIZE, SIZE, 1), np.float32))
+    with pytest.raises(ValueError, match=r"float in \[0, 1\]"):
+        model(np.full((1, SIZE, SIZE, 3), 255.0, np.float32))
+
+
+def test_onnx_runtime_itself_refuses_another_size(exported):
+    session = ort.InferenceSession(str(exported[".onnx"]), providers=["CPUExecutionProvider"])
+    with pytest.raises(Exception, match="[Ii]nvalid dimensions"):
+        session.run(None, {"images": np.zeros((1, 40, 40, 3), np.float32)})
+
+
+@pytest.mark.parametrize("suffix", deploy.SUFFIXES)
+def test_header_says_what_was_exported(scales, exported, suffix):
+    header = deploy.read_header(exported[suffix])
+    assert header["format"] == deploy.FORMAT and header["ustad_version"]
+    assert header["patch_sizes"] == [17, 33] and header["num_students"] == [3, 3]
+    assert header["image_size"] == [SIZE, SIZE] and header["channels"] == 3
+    assert header["dense_method"] == deploy.DEFAULT_METHOD and header["reduction"] == "max"
+    assert [t["name"] for t in header["teachers"]] == ["p17-teacher", "p33-teacher"]
+    assert [t["sha256"] for t in header["teachers"]] == [teacher_sha256(s) for s in scales]
+
+
+def test_onnx_metadata_properties(exported):
+    import onnx
+
+    model = onnx.load(str(exported[".onnx"]))
+    properties = {entry.key: entry.value for entry in model.metadata_props}
+    assert json.loads(properties["ustad"]) == deploy.read_header(exported[".onnx"])
+    assert json.loads(properties["patch_sizes"]) == [17, 33]
+    assert properties["format"] == deploy.FORMAT
+
+
+def test_jaxexport_runs_with_jax_and_numpy_alone(images, exported, tmp_path):
+    """The README's reader, in a process where Flax and ustad cannot be imported."""
+    np.save(tmp_path / "images.npy", images)
+    code = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules["flax"] = sys.modules["ustad"] = None  # importing either raises
+        import io, json, zipfile
+        import jax, numpy as np
+        with zipfile.ZipFile({str(exported[".jaxexport"])!r}) as archive:
+            header = json.loads(archive.read("header.json"))
+            program = jax.export.deserialize(bytearray(archive.read("program.stablehlo")))
+            arrays = np.load(io.BytesIO(archive.read("weights.npz")))
+            weights = [arrays[name] for name in sorted(arrays.files)]
+        maps, scores = program.call(weights, np.load({str(tmp_path / "images.npy")!r}))
+        np.save({str(tmp_path / "maps.npy")!r}, np.asarray(maps))
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"},
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    want = deploy.load(exported[".jaxexport"])(images)
+    _assert_close((np.load(tmp_path / "maps.npy"),), want[:1])
+    with zipfile.ZipFile(exported[".jaxexport"]) as archive:
+        assert sorted(archive.namelist()) == ["header.json", "program.stablehlo", "weights.npz"]
+
+
+def test_atrous_and_multipool_graphs_equal_detector_score(scales, images):
+    reference = Detector(scales, batch_size=3).score(images)
+    weights = [scale_weights(scale) for scale in scales]
+    for method in ("multipool", "atrous"):
+        score = jax.jit(make_scorer(scales, size=(SIZE, SIZE), method=method))
+        _assert_close(tuple(np.asarray(x) for x in score(weights, images)), reference)
+
+
+def test_gray_input_and_topk_reduction(scales, tmp_path):
+    gray = np.random.default_rng(1).uniform(size=(2, SIZE, SIZE, 1)).astype(np.float32)
+    path = tmp_path / "gray.jaxexport"
+    deploy.export(scales, path, channels=1, reduction="topk", top_k=10, check=False)
+    reference = Detector(scales, reduction="topk", top_k=10).score(gray)
+    _assert_close(deploy.load(path)(gray), reference)
+
+
+def test_export_refuses_a_bad_suffix_and_checks_what_it_wrote(scales, tmp_path):
+    with pytest.raises(ValueError, match=r"\.onnx or \.jaxexport"):
+        deploy.export(scales, tmp_path / "detector.pt")
+    meta = deploy.export(scales[:1], tmp_path / "one.jaxexport")
+    assert meta["check"]["max_abs_map"] <= meta["check"]["tolerance"]
+
+
+def _train(root):
+    make_synthetic_category(
+        root / "data", "tiny", image_size=SIZE, num_train=8, num_test_good=2, num_test_per_defect=1
+    )
+    args = [
+        "train-students",
+        "--config=configs/students.py:smoke",
+        f"--workdir={root / 'run'}",
+        f"--config.data_dir={root / 'data'}",
+        "--config.category=tiny",
+        f"--config.image_size={SIZE}",
+        "--config.out_dim=8",
+        "--config.num_students=2",
+        "--config.epochs=1",
+        "--config.batch_size=2",
+        "--config.prng_impl=rbg",
+        "--config.stats_batch_size=8",
+        "--config.eval_batch_size=8",
+    ]
+    assert cli.main(["ustad", *args]) == 0
+
+
+def test_export_and_score_commands(tmp_path, capsys):
+    _train(tmp_path)
+    images = str(tmp_path / "data" / "tiny" / "test" / "*" / "*.png")
+    assert cli.main(["ustad", "score", f"--workdirs={tmp_path / 'run'}", f"--images={images}",
+                     f"--out={tmp_path / 'maps'}"]) == 0  # fmt: skip
+    for suffix in deploy.SUFFIXES:
+        out = tmp_path / f"detector{suffix}"
+        assert cli.main(["ustad", "export", f"--workdirs={tmp_path / 'run'}", f"--out={out}"]) == 0
+        assert "check: max |Δ|" in capsys.readouterr().out
+        header = deploy.read_header(out)
+        assert header["teachers"][0]["name"] and header["image_size"] == [SIZE, SIZE]
+        maps_dir = tmp_path / f"maps{suffix}"
+        argv = ["ustad", "score", f"--model={out}", f"--images={images}", f"--out={maps_dir}"]
+        assert cli.main(argv) == 0
+        assert (maps_dir / "scores.csv").read_text().splitlines()[0] == "path,score"
+        for npz in (tmp_path / "maps").rglob("*.npz"):
+            want = np.load(npz)["anomaly_map"]
+            got = np.load(maps_dir / npz.relative_to(tmp_path / "maps"))["anomaly_map"]
+            assert np.abs(got - want).max() <= TOLERANCE * max(1.0, np.abs(want).max())
+    argv = ["ustad", "score", f"--images={images}", f"--out={tmp_path / 'x'}"]
+    assert cli.main(argv) == 1
+    assert "either --workdirs" in capsys.readouterr().err
+
+
+def test_another_export_size_resizes_inside_the_model(scales):
+    """Students trained at 32², exported for 48²: the graph resizes the images (JAX's
+    antialiased bilinear; the Detector resizes with PIL's, not bit-equal) and the maps back."""
+    images = np.random.default_rng(2).uniform(size=(2, 48, 48, 3)).astype(np.float32)
+    score = jax.jit(make_scorer(scales, size=(48, 48)))
+    maps, scores = (np.asarray(x) for x in score([scale_weights(s) for s in scales], images))
+    resized = np.clip(jax.image.resize(images, (2, SIZE, SIZE, 3), "linear", antialias=True), 0, 1)
+    small = Detector(scales).score(np.asarray(resized))[0]
+    want = np.asarray(jax.image.resize(small, (2, 48, 48), "linear"))
+    _assert_close((maps, scores), (want, want.reshape(2, -1).max(axis=1)))
