@@ -61,7 +61,10 @@ def test_unknown_command_and_missing_flags_are_usage_errors(capsys):
     assert run("trian") == 2
     assert "unknown command 'trian'" in capsys.readouterr().err
     assert run("score", "--images", "x") == 2
-    assert "missing --workdirs, --out" in capsys.readouterr().err
+    assert "missing --out" in capsys.readouterr().err
+    # --workdirs and --model (an exported detector) are alternatives: exactly one is needed.
+    assert run("score", "--images", "x", "--out", "o") == 1
+    assert "either --workdirs" in capsys.readouterr().err
     assert run("score", "--no_such_flag=1") == 2
 
 
