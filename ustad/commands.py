@@ -124,11 +124,17 @@ Time: configs/students.py:smoke under a minute on CPU; the paper's 100 epochs on
 256² take weeks on 2 CPU cores (~31 s per step at 128²) and an estimated ~10 minutes per scale
 on one H100 (not measured).
 Multi-host: the same command on every host with --coordinator, --num_processes, --process_id.
+STFPM (--config=configs/stfpm.py:<lite0|resnet18|ensemble|cpu|cpu_ensemble|smoke>): one
+feature-pyramid student (or M) of a frozen ImageNet teacher instead, on the same data, into
+<workdir>/checkpoints/ and metrics.jsonl; the workdir records its family, so `ustad score`
+and `ustad evaluate` take it unchanged. Time: configs/stfpm.py:smoke under a minute on CPU;
+for bottle at 256² see configs/stfpm.py (its cpu schedule and the paper's 100 epochs).
 """
 
 
 def _define_students(fv, argv):
-    _config_flag(fv, argv, "", "configs/students.py:<p17|p33|p65|multiscale|smoke>")
+    help_text = "configs/students.py:<p17|p33|p65|multiscale|smoke> or configs/stfpm.py:<name>"
+    _config_flag(fv, argv, "", help_text)
     flags.DEFINE_string("workdir", None, "folder for checkpoints and metrics", flag_values=fv)
     flags.DEFINE_string("coordinator", None, "multi-host: host:port of process 0", flag_values=fv)
     flags.DEFINE_integer("num_processes", None, "multi-host: number of processes", flag_values=fv)
@@ -151,6 +157,15 @@ def _run_students(fv):
             make_synthetic_category(
                 config.data_dir, config.category, image_size=config.image_size, num_train=12
             )
+    if config.get("family", "students") == "stfpm":
+        from ustad.train import stfpm
+
+        model = stfpm.train_and_evaluate(config, fv["workdir"].value)
+        print(
+            f"STFPM: {model.num_students} student(s), {config.backbone} "
+            f"{'/'.join(model.network.level_names)}, score {model.score} ({model.combination})"
+        )
+        return
     for scale in train_and_evaluate(config, fv["workdir"].value):
         print(
             f"p={scale.patch_size}: {scale.num_students} students trained, score normalisation "
@@ -359,6 +374,10 @@ def _run_evaluate(fv):
     data = Path(fv["data"].value)
     size = fv["image_size"].value or list(scales[0].image_size)
     test = load_mvtec_test(data, image_size=size)
+    if any(getattr(scale, "family", "students") != "students" for scale in scales):
+        from ustad import stfpm_scoring
+
+        score_sets = stfpm_scoring.score_sets  # STFPM workdirs: one map per model
     score_maps, image_scores = score_sets(scales, test.images, **_detector_kwargs(fv))
     kwargs = {} if test.masks is None else {"examples_per_type": fv["examples_per_type"].value}
     report = write_report(

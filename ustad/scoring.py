@@ -135,6 +135,11 @@ def load_scale(workdir: str | os.PathLike) -> ScaleModel:
     if restored is None:
         raise FileNotFoundError(f"no checkpoint in {directory}")
     step, state, meta = restored
+    if meta.get("family", "students") != "students":
+        # Another model family in the same workdir layout (STFPM): its own loader.
+        from ustad.stfpm_scoring import model_from_checkpoint
+
+        return model_from_checkpoint(workdir, step, state, meta)
     if meta.get("format") != FORMAT:
         raise ValueError(f"{directory} holds a {meta.get('format')!r} checkpoint, not {FORMAT}")
     if not meta.get("score_normalization"):
@@ -297,7 +302,12 @@ class Detector:
         if isinstance(workdirs, str | os.PathLike):
             workdirs = [workdirs]
         dirs = [d for w in workdirs for d in find_scale_dirs(w)]
-        return cls([load_scale(d) for d in dirs], **kwargs)
+        scales = [load_scale(d) for d in dirs]
+        if any(getattr(scale, "family", "students") != "students" for scale in scales):
+            from ustad.stfpm_scoring import STFPMDetector
+
+            return STFPMDetector(scales, **kwargs)  # refuses a mix of families
+        return cls(scales, **kwargs)
 
     def score(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Anomaly maps and image scores.
