@@ -55,6 +55,13 @@ def base_config() -> ml_collections.ConfigDict:
     config.batch_size = 1
     config.learning_rate = 1e-4
     config.weight_decay = 1e-5
+    # Options beyond the paper (benchmarks/convergence.py measures them; RESULTS.md):
+    # lr_schedule "constant" (paper) or "cosine" (decay to 0 at the last step), after a linear
+    # warm-up of warmup_steps; crop_size c > 0 trains each step on batch_size exact-context
+    # c×c crops of different images instead of whole images (ustad/train/student_crops.py).
+    config.lr_schedule = "constant"
+    config.warmup_steps = 0
+    config.crop_size = 0
     config.compute_dtype = "float32"  # "bfloat16": students in bf16, params/loss in float32
     config.padding = "reflect"  # mode of the p − 1 padding of dense extraction (dense.py)
     # How the M students are run in the step: "vmap" (batched) or "sequential" (one after another

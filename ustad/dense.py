@@ -31,6 +31,10 @@ import jax.numpy as jnp
 from ustad.models.patch_net import PatchNet, Pool
 
 PADDING_MODES = ("reflect", "constant", "edge", "symmetric")
+# "none": the input already carries its margin (``before`` + ``after`` = p − 1 pixels per axis,
+# :func:`padding_widths`), e.g. a crop of a padded image (:func:`crop_with_context`); the output
+# is (H − p + 1) × (W − p + 1) and equals the full image's descriptors at those pixels.
+PREPADDED = "none"
 METHODS = ("multipool", "atrous")
 # Measured in benchmarks/dense_extraction.py (RESULTS.md): multi-pooling is the faster exact
 # method on CPU and GPU for the paper's networks, so it is the default.
@@ -51,19 +55,29 @@ def check_dense_inputs(module: PatchNet, variables, images_shape, *, patch_size,
         raise ValueError(
             f"patch_size={patch_size} but the module's receptive field is {module.patch_size}"
         )
-    if padding not in PADDING_MODES:
+    if padding not in PADDING_MODES and padding != PREPADDED:
         raise ValueError(
-            f"padding must be one of {PADDING_MODES} (numpy.pad modes), got {padding!r}"
+            f"padding must be one of {PADDING_MODES} (numpy.pad modes) or {PREPADDED!r} (the "
+            f"input already padded), got {padding!r}"
         )
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if len(images_shape) != 4:
         raise ValueError(f"images must be [N, H, W, C], got shape {tuple(images_shape)}")
     _, height, width, channels = images_shape
+    if padding == PREPADDED:
+        margin = module.patch_size - 1
+        if height <= margin or width <= margin:
+            raise ValueError(
+                f"padding={PREPADDED!r} expects images carrying their {margin}-pixel margin "
+                f"(p − 1 for p={patch_size}), got {height}×{width}"
+            )
+        height, width = height - margin, width - margin
     stride = module.stride
     if height % stride or width % stride:
+        what = "image size" if padding != PREPADDED else "output size (input − (p − 1))"
         raise ValueError(
-            f"image size {height}×{width} must be a multiple of {stride} (the product of the "
+            f"{what} {height}×{width} must be a multiple of {stride} (the product of the "
             f"pooling strides for p={patch_size}); resize or crop to e.g. "
             f"{-(-height // stride) * stride}×{-(-width // stride) * stride}"
         )
@@ -89,8 +103,35 @@ def padding_widths(module: PatchNet) -> tuple[int, int]:
 
 
 def _pad(images: jax.Array, module: PatchNet, padding: str) -> jax.Array:
+    if padding == PREPADDED:
+        return images
     before, after = padding_widths(module)
     return jnp.pad(images, ((0, 0), (before, after), (before, after), (0, 0)), mode=padding)
+
+
+def pad_images(images, module: PatchNet, padding: str = "reflect"):
+    """The images padded as :func:`dense_apply` pads them (numpy in, numpy out; jax likewise).
+
+    A crop of the result (:func:`crop_with_context`) fed with ``padding="none"`` gives exactly
+    the full image's descriptors of the crop's pixels.
+    """
+    before, after = padding_widths(module)
+    widths = ((0, 0), (before, after), (before, after), (0, 0))
+    if isinstance(images, jax.Array):
+        return jnp.pad(images, widths, mode=padding)
+    import numpy as np
+
+    return np.pad(images, widths, mode=padding)
+
+
+def crop_with_context(padded, top: int, left: int, size: tuple[int, int], module: PatchNet):
+    """The crop of output pixels ``[top, top + h) × [left, left + w)`` with its receptive-field
+    margin, from images padded by :func:`pad_images`: ``padded[:, top : top + h + p − 1,
+    left : left + w + p − 1]``. Its descriptors under ``padding="none"`` equal the full image's
+    at those pixels (exact-context crops)."""
+    height, width = size
+    margin = module.patch_size - 1
+    return padded[:, top : top + height + margin, left : left + width + margin]
 
 
 def unwarp(stacked: jax.Array, batch: int, strides: tuple[int, ...]) -> jax.Array:
@@ -123,6 +164,8 @@ def unwarp(stacked: jax.Array, batch: int, strides: tuple[int, ...]) -> jax.Arra
 @functools.partial(jax.jit, static_argnames=("module", "padding", "method"))
 def _dense(module: PatchNet, variables, images, padding: str, method: str):
     batch, height, width, _ = images.shape
+    if padding == PREPADDED:
+        height, width = height - (module.patch_size - 1), width - (module.patch_size - 1)
     padded = _pad(images, module, padding)
     if method == "atrous":
         # The floor of odd-sized poolings makes the true receptive field smaller than p (32 of
@@ -154,7 +197,8 @@ def dense_apply(
       images: ``[N, H, W, C]``; H and W multiples of ``module.stride`` (8 for p=65, 4 for p=33).
       patch_size: p; checked against the module when given.
       padding: how the image is padded (p − 1 in all per axis, see :func:`padding_widths`;
-        a numpy.pad mode name).
+        a numpy.pad mode name), or ``"none"``: the images already carry that margin and the
+        output is ``(H − p + 1) × (W − p + 1)`` (exact-context crops, :func:`crop_with_context`).
       method: ``"multipool"`` or ``"atrous"``; ``None`` uses :data:`DEFAULT_METHOD`.
 
     Returns:

@@ -26,6 +26,9 @@ RESUME_SETTINGS = (
     "val_fraction",
     "padding",
     "compute_dtype",
+    "crop_size",
+    "lr_schedule",
+    "warmup_steps",
 )
 
 

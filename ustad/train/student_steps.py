@@ -29,8 +29,49 @@ from ustad.score_maps import map_members, resolve_member_strategy, teacher_targe
 PyTree = Any
 
 
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def learning_rate_schedule(
+    learning_rate: float, schedule: str = "constant", warmup_steps: int = 0, total_steps: int = 0
+):
+    """The learning rate by step: a float for the paper's constant rate, else an optax schedule.
+
+    * ``"constant"``: ``learning_rate`` throughout (the paper), after a linear warm-up from 0
+      over ``warmup_steps`` if that is > 0.
+    * ``"cosine"``: linear warm-up over ``warmup_steps``, then cosine decay to 0 at
+      ``total_steps``.
+    """
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {schedule!r}")
+    if warmup_steps < 0:
+        raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+    if schedule == "cosine":
+        if total_steps <= warmup_steps:
+            raise ValueError(
+                f"a cosine schedule needs total_steps ({total_steps}) > warmup_steps "
+                f"({warmup_steps})"
+            )
+        return optax.warmup_cosine_decay_schedule(
+            0.0, learning_rate, max(warmup_steps, 1), total_steps, end_value=0.0
+        )
+    if warmup_steps:
+        return optax.join_schedules(
+            [optax.linear_schedule(0.0, learning_rate, warmup_steps),
+             optax.constant_schedule(learning_rate)],
+            [warmup_steps],
+        )  # fmt: skip
+    return learning_rate
+
+
 @functools.lru_cache(maxsize=16)
-def make_optimizer(learning_rate: float = 1e-4, weight_decay: float = 1e-5):
+def make_optimizer(
+    learning_rate: float = 1e-4,
+    weight_decay: float = 1e-5,
+    schedule: str = "constant",
+    warmup_steps: int = 0,
+    total_steps: int = 0,
+):
     """Adam with L2 weight decay, as PyTorch's ``Adam(lr, weight_decay=wd)``.
 
     Cached: equal arguments return the same (hashable) object, so the jitted steps built from
@@ -39,8 +80,11 @@ def make_optimizer(learning_rate: float = 1e-4, weight_decay: float = 1e-5):
     PyTorch adds ``wd · θ`` to the gradient *before* the moment estimates (L2 regularisation,
     rescaled by Adam like the rest of the gradient), unlike AdamW's decoupled decay; the paper's
     "Adam, weight decay 1e-5" is read this way. Eps 1e-8 and β = (0.9, 0.999) match PyTorch.
+    ``schedule``, ``warmup_steps``, ``total_steps``: see :func:`learning_rate_schedule` (the
+    defaults are the paper's constant rate).
     """
-    return optax.chain(optax.add_decayed_weights(weight_decay), optax.adam(learning_rate))
+    rate = learning_rate_schedule(learning_rate, schedule, warmup_steps, total_steps)
+    return optax.chain(optax.add_decayed_weights(weight_decay), optax.adam(rate))
 
 
 def student_loss(

@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,7 @@ import numpy as np
 
 from ustad import sharding as shd
 from ustad.checkpointing import Checkpointer
+from ustad.dense import PREPADDED
 from ustad.metric_writer import MetricWriter, check_finite, progress
 from ustad.models.patch_net import PatchNet, layers_to_json
 from ustad.score_maps import check_normalization
@@ -50,6 +52,7 @@ from ustad.scoring import (
 from ustad.stats import descriptor_stats
 from ustad.train import student_inputs as inputs
 from ustad.train.student_checkpoints import _check_compatible, _scale_model, _score_params
+from ustad.train.student_crops import CropBatches, check_crop_size, crop_steps_per_epoch
 from ustad.train.student_steps import (
     init_students,
     make_optimizer,
@@ -93,6 +96,8 @@ def train_students(
     patch_size: int | None = None,
     teacher: tuple[PatchNet, PyTree] | None = None,
     val_images: np.ndarray | None = None,
+    on_step: Callable[[int, PyTree], None] | None = None,
+    on_step_every: int = 0,
 ) -> ScaleModel:
     """Train (or resume) the students of one scale on in-memory images.
 
@@ -105,6 +110,11 @@ def train_students(
       teacher: ``(module, variables)`` in memory; ``None`` loads ``config.teacher_workdir``.
       val_images: anomaly-free images for the score normalisation; ``None`` holds out
         ``config.val_fraction`` of ``images`` (split by ``config.seed``).
+      on_step: called as ``on_step(step, state)`` after every ``on_step_every``-th step before
+        the last (``state``: ``"students"`` ``{"params": [M, …], "opt_state": …}``, ``"teacher"``,
+        ``"target_stats"``; valid during the call only), e.g. to evaluate the students during
+        one run (``benchmarks/convergence.py``).
+      on_step_every: how often ``on_step`` is called (0 = never).
 
     Returns:
       The trained scale, ready for :class:`ustad.scoring.Detector`.
@@ -149,9 +159,14 @@ def train_students(
             f"devices; use a multiple, set ensemble_axis_size (students across devices) or "
             f"num_devices"
         )
-    if batch_size > len(train_images):
-        raise ValueError(f"batch_size={batch_size} > {len(train_images)} training images")
-    steps_per_epoch = num_batches(len(train_images), batch_size)
+    crop_size = int(config.get("crop_size", 0) or 0)
+    if crop_size:
+        check_crop_size(crop_size, image_size, module)
+        steps_per_epoch = crop_steps_per_epoch(len(train_images), image_size, crop_size, batch_size)
+    else:
+        if batch_size > len(train_images):
+            raise ValueError(f"batch_size={batch_size} > {len(train_images)} training images")
+        steps_per_epoch = num_batches(len(train_images), batch_size)
     total_steps = config.epochs * steps_per_epoch
 
     compute_dtype = jnp.dtype(config.get("compute_dtype", "float32"))
@@ -161,7 +176,13 @@ def train_students(
         student = module.clone(dtype=compute_dtype)
     else:
         student = module
-    tx = make_optimizer(config.learning_rate, config.weight_decay)
+    tx = make_optimizer(
+        config.learning_rate,
+        config.weight_decay,
+        config.get("lr_schedule", "constant"),
+        int(config.get("warmup_steps", 0)),
+        total_steps,
+    )
     members = shd.member_sharding(mesh, shard_members)
     students = init_students(
         student, tx, jax.random.fold_in(key, 0), config.num_students, channels, members
@@ -234,6 +255,8 @@ def train_students(
                 checkpointer,
                 writer,
                 base_meta,
+                on_step,
+                on_step_every,
             )
         # Score normalisation (paper §5): statistics of e and v on held-out good images.
         norm_images = val_images if len(val_images) else train_images
@@ -285,6 +308,8 @@ def _train_loop(
     checkpointer,
     writer,
     base_meta,
+    on_step=None,
+    on_step_every=0,
 ):
     """Run steps ``start_step … total_steps − 1``; returns the final state."""
     from ustad.data.pipeline import iterate_batches
@@ -292,11 +317,18 @@ def _train_loop(
     cache_mode, data, teacher_params = training_targets(
         config, module, state, train_images, put=functools.partial(shd.shard_batch, mesh=mesh)
     )
+    crop_size = int(config.get("crop_size", 0) or 0)
+    crops = (
+        CropBatches(data, module, config.padding, crop_size, config.batch_size, config.seed)
+        if crop_size
+        else None
+    )
     step_fn = make_train_step(
         student,
         tx,
         teacher=None if cache_mode != "none" else module,
-        padding=config.padding,
+        # Crops carry their receptive-field margin: their descriptors are the full image's.
+        padding=PREPADDED if crops else config.padding,
         mesh=mesh,
         shard_members=shard_members,
         member_strategy=config.get("member_strategy", "auto"),
@@ -320,14 +352,21 @@ def _train_loop(
     students = state["students"]
     try:
         for epoch in range(start_step // steps_per_epoch, config.epochs):
-            batches = iterate_batches(
-                data,
-                batch_size,
-                seed=config.seed,
-                epoch=epoch,
-                sharding=shd.batch_sharding(mesh),
-                start_batch=step - epoch * steps_per_epoch,
-            )
+            if crops:
+                stop = min((epoch + 1) * steps_per_epoch, total_steps)
+                batches = (
+                    {k: shd.shard_batch(v, mesh) for k, v in b.items()}
+                    for b in crops.iterate(step, stop)
+                )
+            else:
+                batches = iterate_batches(
+                    data,
+                    batch_size,
+                    seed=config.seed,
+                    epoch=epoch,
+                    sharding=shd.batch_sharding(mesh),
+                    start_batch=step - epoch * steps_per_epoch,
+                )
             for batch in batches:
                 third = batch["target"] if cache_mode != "none" else teacher_params
                 students, losses = step_fn(students, batch["image"], third)
@@ -353,6 +392,8 @@ def _train_loop(
                             img_per_s=(step - last_step) * batch_size / (now - last_time),
                         )
                     last_time, last_step = now, step
+                if on_step and on_step_every and step % on_step_every == 0 and step < total_steps:
+                    on_step(step, dict(state, students=students))
                 if step % every == 0 and step < total_steps:
                     state = dict(state, students=students)
                     checkpointer.save(step, state, dict(base_meta, step=step, epoch=epoch))
