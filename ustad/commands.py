@@ -184,12 +184,18 @@ is scored, and an unreadable one stops the run naming it.
 Writes, for every image <rel> (its path below the images' common folder, extension kept):
 <out>/<rel>.npz (anomaly_map [H, W] float32 at the image's size, score),
 <out>/<rel>.overlay.png (image | map over the image, one colour scale for the run) and
-<out>/scores.csv (path,score).
+<out>/scores.csv (path,score) and <out>/scoring.json (the students or model, the image score
+--reduction/--top_k and the smoothing --smooth_sigma used).
+Options (not in the paper, off by default): --smooth_sigma=S blurs each map by a Gaussian of
+S pixels before the image score; --reduction=topk --top_k=K scores an image by the mean of its
+K highest pixels instead of the maximum (the maximum is the default).
 Time: compilation (seconds), then per image at 256² with the paper's nets ~10–14 s per scale
 and 35 s multi-scale on 2 CPU cores (benchmarks/RESULTS.md); the demo's small nets at 64²
 score several images a second. GPU speed is not measured yet.
 With --model=detector.onnx or detector.jaxexport (`ustad export`) instead of --workdirs, the
-exported model scores (images resized to its size on the host as the students' are, maps back).
+exported model scores (images resized to its size on the host as the students' are, maps back);
+its image score was fixed by `ustad export` and it does not smooth, so --reduction, --top_k and
+--smooth_sigma are refused with --model.
 """
 
 
@@ -220,15 +226,25 @@ def _detector_flags(fv):
         "reduction", "max", ["max", "mean", "topk"], "image score from the map", flag_values=fv
     )
     flags.DEFINE_integer("top_k", 100, "pixels averaged by --reduction=topk", flag_values=fv)
+    flags.DEFINE_float(
+        "smooth_sigma",
+        0.0,
+        "Gaussian smoothing of the maps before the image score, σ in pixels (0: none)",
+        flag_values=fv,
+    )
     flags.DEFINE_bool("bf16", False, "run the networks in bfloat16", flag_values=fv)
 
 
 def _detector_kwargs(fv) -> dict:
     import jax.numpy as jnp
 
+    from ustad.score_maps import check_scoring_options
+
+    check_scoring_options(fv["reduction"].value, fv["top_k"].value, fv["smooth_sigma"].value)
     return dict(
         reduction=fv["reduction"].value,
         top_k=fv["top_k"].value,
+        smooth_sigma=fv["smooth_sigma"].value,
         compute_dtype=jnp.bfloat16 if fv["bf16"].value else None,
         batch_size=fv["batch_size"].value,
     )
@@ -247,9 +263,20 @@ def _run_score(fv):
     if fv["model"].value:
         from ustad.deploy import load
 
+        fixed = [f"--{n}" for n in ("reduction", "top_k", "smooth_sigma") if fv[n].present]
+        if fixed:
+            raise ValueError(
+                f"{', '.join(fixed)}: an exported model's image score is fixed when it is exported "
+                f"(ustad export --reduction/--top_k) and it does not smooth its maps; score with "
+                f"--workdirs to use these options"
+            )
         detector = load(fv["model"].value, batch_size=fv["batch_size"].value)
+        header = getattr(detector, "header", {}) or {}
+        settings = {"model": fv["model"].value, "smooth_sigma": 0.0}
+        settings |= {k: header[k] for k in ("reduction", "top_k") if k in header}
     else:
         detector = Detector.load(fv["workdirs"].value, **_detector_kwargs(fv))
+        settings = {"workdirs": fv["workdirs"].value, **detector.settings}
     _, _, (vmin, vmax) = score_files(
         detector,
         paths,
@@ -257,6 +284,7 @@ def _run_score(fv):
         images=images,
         vmin=fv["vmin"].value,
         vmax=fv["vmax"].value,
+        settings=settings,
     )
     print(f"scored {len(paths)} images -> {fv['out'].value} (colour scale {vmin:.3g} … {vmax:.3g})")
 
@@ -275,6 +303,8 @@ size, channels and the teachers' names and SHA-256. Then: ustad score --model=<o
 Time: seconds to a minute to convert; the check (--check, on by default) scores two random
 images with the file and with the students and stops if they differ (~1 min per scale at
 256² with the paper's nets on 2 CPU cores).
+The file scores exactly as the students do without smoothing (`ustad score --smooth_sigma=0`,
+the default): smoothing is not exported, and --smooth_sigma other than 0 is refused.
 """
 
 
@@ -290,6 +320,12 @@ def _define_export(fv, argv):
         "reduction", "max", ["max", "mean", "topk"], "image score from the map", flag_values=fv
     )
     flags.DEFINE_integer("top_k", 100, "pixels averaged by --reduction=topk", flag_values=fv)
+    flags.DEFINE_float(
+        "smooth_sigma",
+        0.0,
+        "not supported: exported models do not smooth (must be 0)",
+        flag_values=fv,
+    )
     flags.DEFINE_enum(
         "method",
         "multipool",
@@ -302,7 +338,15 @@ def _define_export(fv, argv):
 
 def _run_export(fv):
     from ustad import deploy
+    from ustad.score_maps import check_scoring_options
 
+    check_scoring_options(fv["reduction"].value, fv["top_k"].value, fv["smooth_sigma"].value)
+    if fv["smooth_sigma"].value:
+        raise ValueError(
+            f"--smooth_sigma={fv['smooth_sigma'].value:g}: exported models score without "
+            f"smoothing (as `ustad score --smooth_sigma=0`); export without it, and smooth the "
+            f"maps the file returns yourself if you need to"
+        )
     scales, sources = deploy.load_scales(fv["workdirs"].value)
     try:
         meta = deploy.export(
@@ -345,7 +389,9 @@ the students' training size (or --image_size).
 Writes, under --out: metrics.md/.json/.csv (image AUROC, pixel AUROC, AU-PRO@0.3 per scale and
 multi-scale), pro_curves.png, roc_pixel.png, roc_image.png, examples/*.png (image | ground truth
 | heatmap). Without ground_truth/: image AUROC and mean score per defect type (metrics.*) and
-score_histograms.png, with a note that pixel metrics need masks.
+score_histograms.png, with a note that pixel metrics need masks. metrics.json records the
+scoring options (--reduction, --top_k, --smooth_sigma; the defaults are the paper's maps and
+their maximum).
 Time: as `ustad score` for the test images, plus seconds for the metrics and figures.
 """
 
@@ -378,7 +424,8 @@ def _run_evaluate(fv):
         from ustad import stfpm_scoring
 
         score_sets = stfpm_scoring.score_sets  # STFPM workdirs: one map per model
-    score_maps, image_scores = score_sets(scales, test.images, **_detector_kwargs(fv))
+    detector_kwargs = _detector_kwargs(fv)
+    score_maps, image_scores = score_sets(scales, test.images, **detector_kwargs)
     kwargs = {} if test.masks is None else {"examples_per_type": fv["examples_per_type"].value}
     report = write_report(
         fv["out"].value,
@@ -390,6 +437,9 @@ def _run_evaluate(fv):
             "data": str(data),
             "workdirs": fv["workdirs"].value,
             "image_size": size,
+            "reduction": detector_kwargs["reduction"],
+            "top_k": detector_kwargs["top_k"],
+            "smooth_sigma": detector_kwargs["smooth_sigma"],
         },
         **kwargs,
     )

@@ -55,19 +55,31 @@ class Report:
 # --------------------------------------------------------------------------- metrics
 
 
-def image_scores_from_maps(anomaly_maps) -> np.ndarray:
-    """The usual image-level score: the maximum of each map (the paper defines none).
+def image_scores_from_maps(anomaly_maps, reduction: str = "max", top_k: int = 100) -> np.ndarray:
+    """Image-level scores from the maps (the paper defines none): by default each map's maximum.
 
     Args:
         anomaly_maps: `[N, H, W]` anomaly scores.
+        reduction: "max", "mean" or "topk" (the mean of the `top_k` highest pixels), as
+            `ustad.score_maps.reduce_maps` (which this equals, in float64 on the host).
+        top_k: pixels averaged by "topk" (≥ 1; clipped to H·W).
 
     Returns:
         `[N]` float64.
     """
+    from ustad.score_maps import check_scoring_options
+
+    check_scoring_options(reduction, top_k)
     maps = np.asarray(anomaly_maps)
     if maps.ndim != 3:
         raise ValueError(f"anomaly_maps must be [N, H, W], got shape {maps.shape}")
-    return maps.reshape(len(maps), -1).max(axis=1).astype(np.float64)
+    flat = maps.reshape(len(maps), -1).astype(np.float64)
+    if reduction == "max":
+        return flat.max(axis=1)
+    if reduction == "mean":
+        return flat.mean(axis=1)
+    k = min(int(top_k), flat.shape[1])
+    return np.partition(flat, flat.shape[1] - k, axis=1)[:, flat.shape[1] - k :].mean(axis=1)
 
 
 def _check_ground_truth(masks, labels) -> tuple[np.ndarray, np.ndarray]:

@@ -35,11 +35,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from scipy import ndimage
 
 from ustad.dense import dense_apply
 from ustad.metrics import au_pro, image_auroc, pixel_auroc
 from ustad.models.patch_net import ARCHITECTURES, Conv, PatchNet, patch_net
+from ustad.score_maps import smooth_maps
 
 __all__ = [
     "RANDOM_PREFIX",
@@ -189,13 +189,6 @@ def load_probe_teacher(spec: str | os.PathLike, *, seed: int = 0) -> ProbeTeache
 
 # ---------------------------------------------------------------------------------------------
 # Maps and their figures.
-
-
-def smooth_maps(maps: np.ndarray, sigma: float) -> np.ndarray:
-    """Each ``[N, H, W]`` map blurred by a Gaussian of ``sigma`` pixels (reflected edges)."""
-    if not sigma:
-        return np.asarray(maps, np.float32)
-    return ndimage.gaussian_filter(np.asarray(maps, np.float32), sigma=(0, sigma, sigma))
 
 
 def detection_figures(maps: np.ndarray, masks: np.ndarray, labels: np.ndarray) -> dict:

@@ -5,7 +5,9 @@ For every image ``<rel>`` (its path relative to the images' common folder, exten
 
 * ``<out>/<rel>.npz``: ``anomaly_map [H, W] float32`` at the image's own size, ``score``;
 * ``<out>/<rel>.overlay.png``: the image | the map over the image (one colour scale for the run);
-* ``<out>/scores.csv``: ``path,score`` for all images.
+* ``<out>/scores.csv``: ``path,score`` for all images;
+* ``<out>/scoring.json``: what scored them and how (``settings``: the image score, the
+  smoothing), when given.
 
 Every image is read before any is scored (an unreadable one stops the run with an error naming
 it) and every file is written atomically (temporary file + rename).
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -70,6 +73,7 @@ def score_files(
     images: Sequence[np.ndarray] | None = None,
     vmin: float | None = None,
     vmax: float | None = None,
+    settings: dict | None = None,
 ) -> tuple[list[np.ndarray], np.ndarray, tuple[float, float]]:
     """Score image files and write their maps, overlays and ``scores.csv`` under ``out``.
 
@@ -82,6 +86,8 @@ def score_files(
         images: the images already read (``[H_i, W_i, C]`` float32 in [0, 1]); default: read
             ``paths`` here.
         vmin, vmax: the overlays' colour scale; default the run's minimum and maximum.
+        settings: JSON-ready facts written to ``<out>/scoring.json`` with the colour scale
+            (e.g. the workdirs and :attr:`ustad.scoring.Detector.settings`); None writes none.
 
     Returns:
         ``(maps, scores, (vmin, vmax))``: ``[H_i, W_i]`` maps and ``[N]`` scores in input order.
@@ -116,4 +122,7 @@ def score_files(
     rows = [(str(path), f"{score:.6g}") for path, score in zip(paths, scores, strict=True)]
     csv.writer(text, lineterminator="\n").writerows([("path", "score"), *rows])
     atomic_write(out / "scores.csv", text.getvalue().encode())
+    if settings is not None:
+        record = dict(settings, images=len(paths), vmin=vmin, vmax=vmax)
+        atomic_write(out / "scoring.json", (json.dumps(record, indent=2) + "\n").encode())
     return maps, scores, (vmin, vmax)

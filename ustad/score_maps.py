@@ -11,7 +11,8 @@ normalised teacher descriptor:
 * several receptive fields: the plain average of the per-scale scores.
 
 The paper defines no image-level score for MVTec AD; the map's maximum is the common choice and
-the default here (mean and top-k mean are options).
+the default here (mean and top-k mean are options). Nor does it smooth the maps; a Gaussian of σ
+pixels over the final map (:func:`smooth_maps`) is an option, off by default.
 
 Pure functions of arrays and networks, shared by training (the students' step, the score
 normalisation) and :class:`ustad.scoring.Detector`; :mod:`ustad.scoring` re-exports them.
@@ -179,6 +180,48 @@ def normalized_score(
     return (error - e_mean) / e_std + (variance - v_mean) / v_std
 
 
+def check_scoring_options(reduction: str = "max", top_k: int = 100, smooth_sigma: float = 0.0):
+    """Raise ``ValueError`` for an unknown reduction, ``top_k`` < 1 or a negative/non-finite σ.
+
+    Args:
+      reduction: ``"max"``, ``"mean"`` or ``"topk"``.
+      top_k: pixels averaged by ``"topk"`` (checked for every reduction: a bad value is a typo).
+      smooth_sigma: σ of the Gaussian smoothing in pixels; 0 = none.
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int | np.integer) or top_k < 1:
+        raise ValueError(f"top_k must be an integer ≥ 1 (pixels averaged by 'topk'), got {top_k!r}")
+    if not (isinstance(smooth_sigma, int | float | np.floating) and math.isfinite(smooth_sigma)):
+        raise ValueError(f"smooth_sigma must be a finite number of pixels, got {smooth_sigma!r}")
+    if smooth_sigma < 0:
+        raise ValueError(f"smooth_sigma must be ≥ 0 pixels (0 = no smoothing), got {smooth_sigma}")
+
+
+def smooth_maps(maps, sigma: float) -> np.ndarray:
+    """Each ``[N, H, W]`` map blurred by a Gaussian of ``sigma`` pixels (host, SciPy).
+
+    ``scipy.ndimage.gaussian_filter`` per map: mirrored edges (``"reflect"``), kernel truncated
+    at 4σ, accumulated in float64. Not in the paper; an option of :class:`ustad.scoring.Detector`.
+
+    Args:
+      maps: ``[N, H, W]`` anomaly maps.
+      sigma: σ in pixels of the maps; 0 returns them unchanged (as float32).
+
+    Returns:
+      ``[N, H, W]`` float32.
+    """
+    check_scoring_options(smooth_sigma=sigma)
+    maps = np.asarray(maps, np.float32)
+    if maps.ndim != 3:
+        raise ValueError(f"maps must be [N, H, W], got shape {maps.shape}")
+    if not sigma:
+        return maps
+    from scipy import ndimage
+
+    return ndimage.gaussian_filter(maps, sigma=(0, sigma, sigma), mode="reflect")
+
+
 def reduce_maps(maps: jax.Array, reduction: str = "max", top_k: int = 100) -> jax.Array:
     """Image scores from anomaly maps.
 
@@ -186,19 +229,18 @@ def reduce_maps(maps: jax.Array, reduction: str = "max", top_k: int = 100) -> ja
       maps: ``[N, H, W]``.
       reduction: ``"max"`` (default), ``"mean"`` or ``"topk"`` (mean of the ``top_k`` highest
         pixels, less sensitive to a single noisy pixel than the max).
-      top_k: pixels averaged by ``"topk"`` (clipped to H·W).
+      top_k: pixels averaged by ``"topk"`` (≥ 1; clipped to H·W).
 
     Returns:
       ``[N]``.
     """
+    check_scoring_options(reduction, top_k)
     flat = maps.reshape(maps.shape[0], -1)
     if reduction == "max":
         return jnp.max(flat, axis=1)
     if reduction == "mean":
         return jnp.mean(flat, axis=1)
-    if reduction == "topk":
-        return jnp.mean(jax.lax.top_k(flat, min(top_k, flat.shape[1]))[0], axis=1)
-    raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    return jnp.mean(jax.lax.top_k(flat, min(int(top_k), flat.shape[1]))[0], axis=1)
 
 
 def teacher_targets(

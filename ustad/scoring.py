@@ -3,8 +3,8 @@
 A :class:`ScaleModel` is one receptive field's teacher, M students and score statistics, as
 :func:`load_scale` reads them from a students workdir (see :mod:`ustad.train.students`).
 :class:`Detector` scores images with one or several scales: the normalised score ``ẽ + ṽ`` of
-each scale at its training size, resized back and averaged over the scales, and an image score
-reduced from the map.
+each scale at its training size, resized back and averaged over the scales, optionally smoothed
+by a Gaussian (not in the paper; off by default), and an image score reduced from the map.
 
 The per-pixel maths (e, v, their normalisation, the image-score reductions) lives in
 :mod:`ustad.score_maps` and is importable from here too; scoring needs nothing from training.
@@ -32,6 +32,7 @@ from ustad.score_maps import (
     REDUCTIONS,
     ScoreNormalization,
     check_normalization,
+    check_scoring_options,
     compute_normalization,
     error_and_variance,
     map_members,
@@ -42,6 +43,7 @@ from ustad.score_maps import (
     reduce_maps,
     regression_error,
     resolve_member_strategy,
+    smooth_maps,
     teacher_targets,
 )
 
@@ -68,6 +70,7 @@ __all__ = [
     "reduce_maps",
     "regression_error",
     "resolve_member_strategy",
+    "smooth_maps",
     "teacher_targets",
 ]
 
@@ -232,8 +235,12 @@ class Detector:
 
     Args:
       scales: trained scales (e.g. from :meth:`load`).
-      reduction: image score from the map, ``"max"``, ``"mean"`` or ``"topk"``.
-      top_k: pixels averaged by ``"topk"``.
+      reduction: image score from the map, ``"max"`` (default), ``"mean"`` or ``"topk"`` (the
+        mean of the ``top_k`` highest pixels). The paper defines none.
+      top_k: pixels averaged by ``"topk"`` (≥ 1).
+      smooth_sigma: σ in pixels of a Gaussian applied to each final map (after the scales are
+        averaged, at the input images' size) before the image score; 0 (default, the paper) =
+        none. An exported model (``ustad export``) scores as ``smooth_sigma=0``.
       compute_dtype: ``jnp.bfloat16`` runs both networks in bfloat16 (parameters and the e/v
         arithmetic stay float32); ``None`` keeps float32.
       batch_size: images per jitted call; the last chunk is padded so nothing recompiles.
@@ -248,6 +255,7 @@ class Detector:
         *,
         reduction: str = "max",
         top_k: int = 100,
+        smooth_sigma: float = 0.0,
         compute_dtype=None,
         batch_size: int = 8,
         mesh: jax.sharding.Mesh | None = None,
@@ -255,10 +263,9 @@ class Detector:
     ):
         if not scales:
             raise ValueError("Detector needs at least one trained scale")
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        check_scoring_options(reduction, top_k, smooth_sigma)
         self.scales = tuple(scales)
-        self.reduction, self.top_k = reduction, top_k
+        self.reduction, self.top_k, self.smooth_sigma = reduction, top_k, float(smooth_sigma)
         strategy = resolve_member_strategy(member_strategy)
         self.mesh = mesh
         self.batch_size = batch_size
@@ -319,7 +326,8 @@ class Detector:
             than 1.5×) and 1 or 3 channels.
 
         Returns:
-          ``(maps [N, H, W] float32, image_scores [N] float32)``.
+          ``(maps [N, H, W] float32, image_scores [N] float32)``; with ``smooth_sigma`` the maps
+          are the smoothed ones and the scores are reduced from them.
         """
         images = as_unit_float(images)
         if images.ndim != 4:
@@ -333,9 +341,18 @@ class Detector:
             if maps.shape[1:] != (height, width):
                 maps = np.asarray(jax.image.resize(maps, (count, height, width), "linear"))
             total += maps
-        maps = total / len(self.scales)
+        maps = smooth_maps(total / len(self.scales), self.smooth_sigma)
         scores = np.asarray(reduce_maps(jnp.asarray(maps), self.reduction, self.top_k))
         return maps, scores
+
+    @property
+    def settings(self) -> dict:
+        """The scoring options, JSON-ready (recorded next to what ``ustad score`` writes)."""
+        return {
+            "reduction": self.reduction,
+            "top_k": int(self.top_k),
+            "smooth_sigma": self.smooth_sigma,
+        }
 
     def _warn_if_squashed(self, image_hw, size, members) -> None:
         """Once per input size: a warning when scoring at ``size`` squashes the images."""

@@ -26,7 +26,13 @@ import numpy as np
 
 from ustad import sharding as shd
 from ustad import stfpm
-from ustad.score_maps import map_members, reduce_maps, resolve_member_strategy
+from ustad.score_maps import (
+    check_scoring_options,
+    map_members,
+    reduce_maps,
+    resolve_member_strategy,
+    smooth_maps,
+)
 from ustad.stfpm_nets import pyramid_from_spec
 
 __all__ = [
@@ -178,7 +184,9 @@ class STFPMDetector:
         models: trained models (e.g. from :func:`load_model`).
         reduction: image score from the map: ``"max"`` (the paper's codes), ``"mean"`` or
             ``"topk"``.
-        top_k: pixels averaged by ``"topk"``.
+        top_k: pixels averaged by ``"topk"`` (≥ 1).
+        smooth_sigma: σ in pixels of a Gaussian over each final map before the image score; 0
+            (default) = none (as :class:`ustad.scoring.Detector`).
         compute_dtype: accepted for :class:`ustad.scoring.Detector`'s interface; only float32
             is implemented (another dtype raises).
         batch_size: images per jitted call; the last chunk is padded so nothing recompiles.
@@ -194,6 +202,7 @@ class STFPMDetector:
         *,
         reduction: str = "max",
         top_k: int = 100,
+        smooth_sigma: float = 0.0,
         compute_dtype=None,
         batch_size: int = 8,
         mesh: jax.sharding.Mesh | None = None,
@@ -211,8 +220,9 @@ class STFPMDetector:
             )
         if compute_dtype is not None and jnp.dtype(compute_dtype) != jnp.float32:
             raise ValueError("STFPM scores in float32 only (drop --bf16)")
+        check_scoring_options(reduction, top_k, smooth_sigma)
         self.models = tuple(models)
-        self.reduction, self.top_k = reduction, top_k
+        self.reduction, self.top_k, self.smooth_sigma = reduction, top_k, float(smooth_sigma)
         self.mesh = mesh
         self.batch_size = batch_size
         if mesh is not None:
@@ -266,9 +276,18 @@ class STFPMDetector:
             if maps.shape[1:] != (height, width):
                 maps = np.asarray(jax.image.resize(maps, (count, height, width), "linear"))
             total += maps
-        maps = total / len(self.models)
+        maps = smooth_maps(total / len(self.models), self.smooth_sigma)
         scores = np.asarray(reduce_maps(jnp.asarray(maps), self.reduction, self.top_k))
         return maps, scores
+
+    @property
+    def settings(self) -> dict:
+        """The scoring options, JSON-ready (as :attr:`ustad.scoring.Detector.settings`)."""
+        return {
+            "reduction": self.reduction,
+            "top_k": int(self.top_k),
+            "smooth_sigma": self.smooth_sigma,
+        }
 
     def _score_chunks(self, fn, params, images: np.ndarray) -> np.ndarray:
         outputs = []
