@@ -15,10 +15,11 @@ included; evaluation excluded). No retraining per point: the curve is the run.
 
     python -m benchmarks.convergence --plot benchmarks/results/convergence_cpu.jsonl \\
         --png benchmarks/results/convergence_cpu.png
+    python -m benchmarks.convergence --table benchmarks/results/convergence_cpu.jsonl
 
 The test masks are resized to the training size (nearest neighbour), so figures at 128² are
-128²-resolution figures. ``--plot`` draws AU-PRO and pixel AUROC against updates and against
-minutes for every label in a JSON-lines file.
+128²-resolution figures. ``--plot`` draws AU-PRO (raw and smoothed maps) against updates and
+against minutes for every label in a JSON-lines file; ``--table`` prints the Markdown table.
 """
 
 from __future__ import annotations
@@ -55,7 +56,9 @@ flags.DEFINE_float(
 )
 flags.DEFINE_string("plot", None, "draw the curves of this JSON-lines file instead of training")
 flags.DEFINE_string("png", None, "where --plot writes its figure (default: next to the file)")
-flags.DEFINE_list("labels", [], "with --plot: only these labels (default: all)")
+flags.DEFINE_list("labels", [], "with --plot / --table: only these labels (default: all)")
+flags.DEFINE_string("table", None, "print the Markdown table of this JSON-lines file instead")
+flags.DEFINE_list("minutes", ["3", "6", "10"], "with --table: AU-PRO columns at these minutes")
 
 
 class _Stop(Exception):
@@ -213,12 +216,8 @@ def _evaluate_scale(scale, data, sigma):
     return {k: {m: round(float(v), 4) for m, v in f.items()} for k, f in out.items()}
 
 
-def plot(path, png, labels=()):
-    """AU-PRO and pixel AUROC against updates and minutes, one line per label."""
-    from matplotlib.figure import Figure
-
-    from ustad.io import atomic_write
-
+def read_runs(path, labels=()) -> dict[str, list[dict]]:
+    """The convergence lines of a JSON-lines file by label, each sorted by step."""
     runs: dict[str, list[dict]] = {}
     with open(path) as f:
         for line in f:
@@ -227,9 +226,65 @@ def plot(path, png, labels=()):
                 if rec.get("benchmark") == "convergence" and (not labels or rec["label"] in labels):
                     runs.setdefault(rec["label"], []).append(rec)
     if not runs:
-        raise SystemExit(
-            f"{path} holds no convergence lines" + (f" for {labels}" if labels else "")
+        which = f" for {labels}" if labels else ""
+        raise SystemExit(f"{path} holds no convergence lines{which}")
+    return {k: sorted(v, key=lambda r: r["step"]) for k, v in runs.items()}
+
+
+def _recipe(settings: dict) -> str:
+    if settings.get("crop_size"):
+        data = f"crops {settings['crop_size']}² × {settings['batch_size']}"
+    else:
+        data = f"whole images × {settings['batch_size']}"
+    rate = f"lr {settings['learning_rate']:g} {settings.get('lr_schedule') or 'constant'}"
+    if settings.get("warmup_steps"):
+        rate += f" (warm-up {settings['warmup_steps']})"
+    return f"{data}, {rate}"
+
+
+def table(path, labels=(), minutes=(3, 6, 10)) -> str:
+    """One row per run: its recipe, AU-PRO (raw maps) at the given training minutes (the last
+    evaluation before each), and the last point's figures, raw and smoothed."""
+    runs = read_runs(path, labels)
+    head = (
+        "| run | teacher | size | recipe | "
+        + " | ".join(f"AU-PRO @{m:g} min" for m in minutes)
+        + " | last: steps | epochs | min | AU-PRO | AU-PRO σ4 | pixel AUROC | image AUROC | load |"
+    )
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for label, recs in runs.items():
+        last = recs[-1]
+        at = []
+        for m in minutes:
+            before = [r for r in recs if r["train_s"] <= 60 * m]
+            reached = last["train_s"] >= 60 * m  # a shorter run has no figure at m minutes
+            at.append(
+                f"{before[-1]['figures']['raw']['au_pro']:.3f}" if before and reached else "–"
+            )
+        smoothed = next((v for k, v in last["figures"].items() if k.startswith("smoothed")), None)
+        teacher = os.path.basename(str(last.get("teacher", ""))).replace(".teacher.npz", "")
+        loads = [r["load_avg"] for r in recs if r.get("load_avg", -1) >= 0]
+        lines.append(
+            f"| {label} | {teacher} | {last['image_size'][0]}² | {_recipe(last['settings'])} | "
+            + " | ".join(at)
+            + f" | {last['step']} | {last['epochs_seen']:g} | {last['train_s'] / 60:.1f} | "
+            f"{last['figures']['raw']['au_pro']:.3f} | "
+            f"{smoothed['au_pro'] if smoothed else float('nan'):.3f} | "
+            f"{last['figures']['raw']['pixel_auroc']:.3f} | "
+            f"{last['figures']['raw']['image_auroc']:.3f} | "
+            f"{min(loads):.1f}–{max(loads):.1f} |"
         )
+    return "\n".join(lines)
+
+
+def plot(path, png, labels=()):
+    """AU-PRO of the raw and the smoothed maps against updates and minutes, one line per
+    label."""
+    from matplotlib.figure import Figure
+
+    from ustad.io import atomic_write
+
+    runs = read_runs(path, labels)
     figure = Figure(figsize=(12, 8))
     axes = figure.subplots(2, 2)
     for label, recs in sorted(runs.items()):
@@ -264,6 +319,9 @@ def main(argv):
     absl_logging.set_verbosity(absl_logging.WARNING)
     if FLAGS.plot:
         plot(FLAGS.plot, FLAGS.png, FLAGS.labels)
+        return
+    if FLAGS.table:
+        print(table(FLAGS.table, FLAGS.labels, [float(m) for m in FLAGS.minutes]))
         return
     if not FLAGS.mvtec_dir:
         raise app.UsageError("--mvtec_dir is required (or --plot)")
