@@ -93,12 +93,13 @@ def resolve_member_strategy(strategy: str = "auto", *, sharded: bool = False) ->
     one after another inside the same compiled program (a fully unrolled ``lax.scan``: ordinary
     convolutions, one member's activations at a time).
 
-    ``"auto"``: ``"sequential"`` on CPU, where for p=65 at 128², M=3 it was 1.18× faster than
-    vmap (28.3 vs 33.4 s, alternating runs on a loaded 2-core AMD EPYC; benchmarks/
-    student_step.py) and used less memory; ``"vmap"`` on accelerators (grouped convolutions
-    are native there; not measured in this project yet) and whenever the members are sharded
-    over devices, so that each device runs its own members. A rolled ``lax.map`` ran 30×
-    slower on XLA:CPU and is not offered.
+    ``"auto"``: ``"sequential"`` on CPU, where for p=65 at 128², M=3 it was 1.48× faster than
+    vmap (12.1 vs 17.9 s per step, timed in turn in one run on an idle 2-core AMD EPYC;
+    benchmarks/student_step.py, raw lines in benchmarks/results/student_step_cpu.jsonl) and
+    needed less memory (XLA's estimate 3,667 vs 4,350 MB); ``"vmap"`` on accelerators
+    (grouped convolutions are native there; not measured in this project yet) and whenever
+    the members are sharded over devices, so that each device runs its own members. A rolled
+    ``lax.map`` ran 30× slower on XLA:CPU and is not offered.
     """
     if strategy not in MEMBER_STRATEGIES:
         raise ValueError(f"member_strategy must be one of {MEMBER_STRATEGIES}, got {strategy!r}")
