@@ -67,7 +67,21 @@ from ustad.data.synthetic import (
     make_synthetic_category,
     random_view,
 )
-from ustad.data.tfds_mvtec import MvtecAd, MvtecAdConfig, load_mvtec_tfds
+
+# The TFDS builder is imported on first use: TensorFlow Datasets is heavy, and machines that
+# only train and score from image folders (e.g. a GPU image without it) need not have it.
+_TFDS_EXPORTS = ("MvtecAd", "MvtecAdConfig", "load_mvtec_tfds")
+
+
+def __getattr__(name: str):
+    if name not in _TFDS_EXPORTS:
+        raise AttributeError(f"module 'ustad.data' has no attribute {name!r}")
+    from ustad.data import tfds_mvtec
+
+    value = getattr(tfds_mvtec, name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
 
 __all__ = [
     "CLASS_NAMES",
