@@ -161,6 +161,74 @@ def test_jaxexport_runs_with_jax_and_numpy_alone(images, exported, tmp_path):
         assert sorted(archive.namelist()) == ["header.json", "program.stablehlo", "weights.npz"]
 
 
+# What a machine that only scores must not need: ustad's training stack.
+TRAINING_STACK = ("flax", "optax", "orbax", "tensorflow", "tensorflow_datasets", "chex")
+
+
+def test_deploy_load_imports_no_training_stack(scales, images, exported, tmp_path):
+    """``ustad.deploy.load(...)(images)`` and ``.score`` in a process where Flax, Optax, Orbax
+    and TensorFlow cannot be imported: none of them is imported, and the maps are the
+    Detector's."""
+    other = np.random.default_rng(1).uniform(size=(2, 40, 48, 3)).astype(np.float32)
+    np.save(tmp_path / "images.npy", images)
+    np.save(tmp_path / "other.npy", other)
+    code = textwrap.dedent(
+        f"""
+        import importlib.abc, json, sys
+
+        BLOCKED = {TRAINING_STACK!r}
+
+        class Blocker(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                top = name.split(".")[0]
+                if top in BLOCKED or top.startswith("tensorflow"):
+                    raise ModuleNotFoundError(f"{{name}} is blocked in this test", name=name)
+                return None
+
+        sys.meta_path.insert(0, Blocker())
+        import numpy as np
+        import ustad.deploy
+
+        model = ustad.deploy.load({str(exported[".jaxexport"])!r})
+        maps, scores = model(np.load({str(tmp_path / "images.npy")!r}))
+        other_maps, other_scores = model.score(np.load({str(tmp_path / "other.npy")!r}))
+        np.savez({str(tmp_path / "out.npz")!r}, maps=maps, scores=scores,
+                 other_maps=other_maps, other_scores=other_scores)
+        loaded = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED
+                        or m.startswith("tensorflow") or m.startswith("ustad.models")
+                        or m.startswith("ustad.train") or m.startswith("ustad.data"))
+        print(json.dumps(loaded))
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"},
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout.splitlines()[-1]) == []
+    out = np.load(tmp_path / "out.npz")
+    detector = Detector(scales, batch_size=3)
+    _assert_close((out["maps"], out["scores"]), detector.score(images))
+    _assert_close((out["other_maps"], out["other_scores"]), detector.score(other))
+
+
+def test_runtime_host_conversions_equal_the_detectors():
+    from ustad import deploy_runtime
+    from ustad.data.images import resize_image
+    from ustad.scoring import convert_channels
+
+    rgb = np.random.default_rng(2).uniform(size=(2, 20, 28, 3)).astype(np.float32)
+    for images, channels in ((rgb, 1), (rgb[..., :1], 3), (rgb, 3)):
+        want = convert_channels(images, channels)
+        np.testing.assert_array_equal(deploy_runtime._convert_channels(images, channels), want)
+    for size in ((32, 32), (12, 40)):
+        want = resize_image(rgb[0], size)
+        np.testing.assert_array_equal(deploy_runtime._resize_image(rgb[0], size), want)
+
+
 def test_atrous_and_multipool_graphs_equal_detector_score(scales, images):
     reference = Detector(scales, batch_size=3).score(images)
     weights = [scale_weights(scale) for scale in scales]

@@ -1,8 +1,10 @@
 """Run an exported detector (:mod:`ustad.deploy`): ``load(path)(images) -> (maps, scores)``.
 
-A ``.jaxexport`` file runs on JAX alone (the program is deserialized with :mod:`jax.export`,
-nothing of Flax or of ustad's networks is used); a ``.onnx`` file runs on ONNX Runtime's CPU
-provider (``pip install ustad[export]``). Both check the input against the header first, so a
+A ``.jaxexport`` file runs on JAX and NumPy alone: the program is deserialized with
+:mod:`jax.export`, and neither this module nor ``import ustad`` imports Flax, Optax, Orbax,
+TensorFlow or ustad's networks and trainers (PIL only to resize, in
+:meth:`ExportedDetector.score`). A ``.onnx`` file runs on ONNX Runtime's CPU provider
+(``pip install ustad[export]``). Both check the input against the header first, so a
 model exported for one image size rejects another with a message that names both.
 """
 
@@ -95,16 +97,12 @@ class ExportedDetector:
     def score(self, images) -> tuple[np.ndarray, np.ndarray]:
         """As :meth:`ustad.scoring.Detector.score`: any size and 1 or 3 channels (resized and
         converted on the host as the Detector does, the maps resized back to each image)."""
-        from ustad.scoring import as_unit_float, convert_channels
-
-        images = convert_channels(as_unit_float(images), self.channels)
+        images = _convert_channels(_unit_float(images), self.channels)
         if images.ndim != 4:
             raise ValueError(f"images must be [N, H, W, C], got shape {images.shape}")
         count, height, width = images.shape[:3]
         if (height, width) != self.image_size:
-            from ustad.data.images import resize_image
-
-            images = np.stack([resize_image(image, self.image_size) for image in images])
+            images = np.stack([_resize_image(image, self.image_size) for image in images])
         maps, scores = self(images)
         if maps.shape[1:] != (height, width):
             import jax
@@ -135,6 +133,39 @@ def _unit_float(images) -> np.ndarray:
             f"{finite.max():.4g}]: divide 0–255 values by 255 (or pass uint8)"
         )
     return images
+
+
+# The host-side conversions of ustad.scoring.Detector.score, repeated here because the modules
+# that define them import Flax (ustad.scoring) and TensorFlow Datasets (ustad.data): scoring an
+# exported file needs neither (tests/test_deploy.py checks both the copies and the imports).
+
+
+def _convert_channels(images: np.ndarray, channels: int) -> np.ndarray:
+    """As :func:`ustad.scoring.convert_channels`: gray repeated to RGB, or RGB to luma."""
+    if images.shape[-1] == channels:
+        return images
+    if images.shape[-1] == 1 and channels == 3:
+        return np.repeat(images, 3, axis=-1)
+    if images.shape[-1] == 3 and channels == 1:
+        return (images @ np.array([0.299, 0.587, 0.114], np.float32))[..., None]
+    raise ValueError(f"images have {images.shape[-1]} channels; the model takes {channels}")
+
+
+def _resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """As :func:`ustad.data.images.resize_image`: PIL's antialiased bilinear filter per
+    channel, ``[H, W, C]`` float32 → ``[*size, C]`` clipped to [0, 1]."""
+    from PIL import Image
+
+    height, width = size
+    channels = [
+        np.asarray(
+            Image.fromarray(np.ascontiguousarray(image[..., c], np.float32)).resize(
+                (width, height), Image.Resampling.BILINEAR
+            )
+        )
+        for c in range(image.shape[-1])
+    ]
+    return np.clip(np.stack(channels, axis=-1), 0.0, 1.0).astype(np.float32)
 
 
 def _reduce(maps: np.ndarray, reduction: str, top_k: int) -> np.ndarray:
