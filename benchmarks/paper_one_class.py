@@ -42,7 +42,7 @@ def main(argv):
     import ml_collections
     import numpy as np
 
-    from ustad.data import load_one_class_dataset, one_class_split
+    from ustad.data import load_one_class_dataset, one_class_split, subsample_test_set
     from ustad.evaluate import write_one_class_table
     from ustad.metrics import image_auroc
     from ustad.scoring import REDUCTIONS, Detector, convert_channels, reduce_maps
@@ -76,12 +76,14 @@ def main(argv):
             train = train[rng.choice(len(train), config.max_train_images, replace=False)]
         test, labels = convert_channels(split.test_images, teacher_channels), split.test_labels
         if config.max_test_images and len(test) > config.max_test_images:
-            pick = np.sort(rng.choice(len(test), config.max_test_images, replace=False))
+            balanced = config.test_sampling == "balanced"
+            pick = subsample_test_set(labels, config.max_test_images, rng, balanced=balanced)
             test, labels = test[pick], labels[pick]
         workdir = os.path.join(FLAGS.out, f"class_{normal}")
         scale = students_lib.train_students(
             config.students, workdir, train, patch_size=config.patch_size, teacher=teacher
         )
+        trained = time.perf_counter()
         detector = Detector([scale], reduction=config.image_score, batch_size=64)
         maps, scores = detector.score(test)
         aurocs[str(normal)] = image_auroc(scores, labels)
@@ -96,11 +98,20 @@ def main(argv):
             "device": device,
             "dataset": FLAGS.dataset,
             "schedule": config.schedule,
+            "teacher": teacher_dir,
+            "teacher_channels": teacher_channels,
+            "padding": config.students.padding,
+            "epochs": config.students.epochs,
+            "num_students": config.students.num_students,
             "normal_class": normal,
             "roc_auc": round(aurocs[str(normal)], 4),
             **by_reduction,
             "train_images": len(train),
             "test_images": len(test),
+            "test_normal_images": int(np.sum(labels == 0)),
+            "test_sampling": config.test_sampling if config.max_test_images else "all",
+            "train_minutes": round((trained - start) / 60, 2),
+            "score_minutes": round((time.perf_counter() - trained) / 60, 2),
             "minutes": round((time.perf_counter() - start) / 60, 2),
         }
         records.append(record)
@@ -115,8 +126,10 @@ def main(argv):
             "patch_size": config.patch_size,
             "num_students": config.students.num_students,
             "epochs": config.students.epochs,
+            "padding": config.students.padding,
             "train_images_per_class": config.max_train_images or "all",
             "test_images_per_class": config.max_test_images or "all",
+            "test_sampling": config.test_sampling,
             "teacher": teacher_dir,
             "device": device,
             "paper_mean_roc_auc": PAPER.get(FLAGS.dataset),

@@ -15,6 +15,7 @@ from ustad.data import (
     load_one_class_dataset,
     one_class_split,
     read_idx,
+    subsample_test_set,
 )
 
 
@@ -138,6 +139,23 @@ def test_one_class_split(tmp_path):
     assert s.test_labels.dtype == np.int32
     with pytest.raises(ValueError):
         one_class_split(d, 10)
+
+
+def test_subsample_test_set():
+    labels = (np.arange(1000) % 10 != 3).astype(np.int32)  # 100 normal, 900 anomalous
+    pick = subsample_test_set(labels, 40, np.random.default_rng(0), balanced=True)
+    assert len(np.unique(pick)) == 40 and np.all(np.diff(pick) > 0)
+    assert np.sum(labels[pick] == 0) == 20 and np.sum(labels[pick] == 1) == 20
+    # Fewer normal images than half: all of them, the rest anomalous.
+    few = subsample_test_set(labels[:50], 30, np.random.default_rng(0), balanced=True)
+    assert np.sum(labels[:50][few] == 0) == 5 and len(np.unique(few)) == 30
+    # Random: exactly the draw the benchmark made before balanced sampling existed.
+    np.testing.assert_array_equal(
+        subsample_test_set(labels, 300, np.random.default_rng(1)),
+        np.sort(np.random.default_rng(1).choice(1000, 300, replace=False)),
+    )
+    with pytest.raises(ValueError, match="out of range"):
+        subsample_test_set(labels, 1001, np.random.default_rng(0))
 
 
 def test_tfds_data_source_path():

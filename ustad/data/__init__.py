@@ -47,6 +47,7 @@ from ustad.data.one_class import (
     load_tfds,
     one_class_split,
     read_idx,
+    subsample_test_set,
 )
 from ustad.data.pipeline import (
     PatchSampler,
@@ -140,6 +141,7 @@ __all__ = [
     "sample_patches",
     "sha256_file",
     "split_validation",
+    "subsample_test_set",
     "to_uint8",
     "write_png",
 ]
