@@ -28,10 +28,10 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from benchmarks.common import compiled_stats, device_name, emit, time_fn
+from benchmarks.common import compiled_stats, dense_conv_flops, device_name, emit, time_fn
 from ustad.dense import dense_apply
 from ustad.ensemble import member
-from ustad.models.patch_net import Conv, patch_net
+from ustad.models.patch_net import patch_net
 from ustad.train.students import init_students, make_optimizer, make_train_step, student_step
 
 FLAGS = flags.FLAGS
@@ -46,33 +46,6 @@ flags.DEFINE_integer("repeats", 3, "timed rounds (median reported)")
 flags.DEFINE_float("budget_s", 300.0, "stop after this long once 2 rounds are done")
 flags.DEFINE_list("strategies", ["vmap", "sequential"], "member strategies of the step")
 flags.DEFINE_bool("sequential", True, "also time M separate single-student steps in turn")
-
-
-def dense_conv_flops(network, height: int, width: int) -> tuple[float, float]:
-    """Forward FLOPs of multi-pooling dense extraction of one image, and those of the first conv.
-
-    Follows ``ustad.dense`` exactly: the image padded by (p−1)/2, every s×s pooling multiplying
-    the stacked batch by s² and taking ``(S − s + 1) // s`` outputs. 2 FLOPs per MAC.
-    """
-    rows, cols = height + network.patch_size - 1, width + network.patch_size - 1
-    stacked, channels, total, first = 1, None, 0.0, None
-    convs = [layer for layer in network.layers if isinstance(layer, Conv)]
-    for layer in network.layers:
-        if isinstance(layer, Conv):
-            features = network.out_dim if layer is convs[-1] else layer.features
-            rows, cols = rows - layer.kernel + 1, cols - layer.kernel + 1
-            cin = channels or 3
-            flops = 2.0 * layer.kernel**2 * cin * features * rows * cols * stacked
-            first = flops if first is None else first
-            total += flops
-            channels = features
-        else:
-            rows, cols = (
-                (rows - layer.size + 1) // layer.size,
-                (cols - layer.size + 1) // layer.size,
-            )
-            stacked *= layer.size**2
-    return total, first
 
 
 def peak_rss_mb() -> float:
