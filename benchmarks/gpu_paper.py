@@ -66,8 +66,10 @@ flags.DEFINE_integer("probe_steps", 5, "timed steps per network in the step prob
 flags.DEFINE_bool("probe_paper_width", True, "also time the paper's full-width step per p")
 flags.DEFINE_list("score_batches", ["1", "16"], "batch sizes of the scoring-speed lines")
 flags.DEFINE_integer("score_repeats", 5, "timed scoring calls per (set, batch)")
-flags.DEFINE_string("out", None, "work folder (default: $OUT/gpu_paper or runs/gpu_paper)")
-flags.DEFINE_string("results", None, "JSON-lines file to append to (default: <out>/../*.jsonl)")
+flags.DEFINE_string("out", None, "work folder: students, synthetic data (default: runs/gpu_paper)")
+flags.DEFINE_string(
+    "results", None, "JSON-lines file to append to (default: $OUT/gpu_paper.jsonl, else in --out)"
+)
 flags.DEFINE_bool("tiny", False, "40², 8+8 images, small teachers, 1 epoch: the CPU check")
 
 
@@ -287,8 +289,9 @@ def main(argv):
     max_epochs = 1 if tiny else FLAGS.max_epochs
     probe_steps = 2 if tiny else FLAGS.probe_steps
     repeats = 2 if tiny else FLAGS.score_repeats
-    out = FLAGS.out or os.path.join(os.environ.get("OUT") or "runs", "gpu_paper")
-    results = FLAGS.results or os.path.join(out, "gpu_paper.jsonl")
+    # Checkpoints stay out of $OUT (the device tool returns only small, shallow files from it).
+    out = FLAGS.out or os.path.join("runs", "gpu_paper")
+    results = FLAGS.results or os.path.join(os.environ.get("OUT") or out, "gpu_paper.jsonl")
     os.makedirs(out, exist_ok=True)
 
     mvtec_dir = FLAGS.mvtec_dir or default_mvtec_dir()

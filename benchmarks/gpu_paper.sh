@@ -11,7 +11,8 @@
 # AUROC, scoring img/s at batch 1 and 16 and achieved TFLOP/s. Teachers: the shipped full-width
 # p33; p17 and p65 have no full-width shipped teacher, so they use p17_small / p65_small (⅛
 # widths, d = 32); the step probe also times the paper-width p17/p65 networks. JSON lines go to
-# stdout and to $OUT/gpu_paper/gpu_paper.jsonl (or runs/gpu_paper/ without $OUT), then a table.
+# stdout and to $OUT/gpu_paper.jsonl (runs/gpu_paper/gpu_paper.jsonl without $OUT), then a
+# table; the students' checkpoints go to runs/gpu_paper/students/.
 #
 # What it expects on the GPU machine (no internet there; a copy of this working tree arrives,
 # not .venv): a python3 with JAX for CUDA, Flax, Optax, Orbax, Chex, NumPy, SciPy, Pillow,
