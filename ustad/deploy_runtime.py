@@ -136,8 +136,9 @@ def _unit_float(images) -> np.ndarray:
 
 
 # The host-side conversions of ustad.scoring.Detector.score, repeated here because the modules
-# that define them import Flax (ustad.scoring) and TensorFlow Datasets (ustad.data): scoring an
-# exported file needs neither (tests/test_deploy.py checks both the copies and the imports).
+# that define them import Flax (ustad.scoring) and the dataset readers (the ustad.data package:
+# scikit-image, SciPy): scoring an exported file needs none of them (tests/test_deploy.py checks
+# both the copies and the imports).
 
 
 def _convert_channels(images: np.ndarray, channels: int) -> np.ndarray:
