@@ -114,7 +114,7 @@ def train_with_curve(config, data, *, eval_every, sigma, label, workdir, max_min
     """Train one scale on ``data`` (an :class:`ustad.data.mvtec.MVTecCategory`), yielding the
     curve's records (dicts) as they are measured."""
     from ustad.data.split import split_validation
-    from ustad.train.students import train_students
+    from ustad.train.students import scale_epochs, train_students
 
     records = []
     device = device_name()
@@ -186,7 +186,7 @@ def train_with_curve(config, data, *, eval_every, sigma, label, workdir, max_min
         )
     except _Stop:
         return records
-    total = int(config.epochs) * _steps_per_epoch(config, len(train_idx), data)
+    total = scale_epochs(config, p) * _steps_per_epoch(config, len(train_idx), data)
     record(total, scale, final=True)
     return records
 

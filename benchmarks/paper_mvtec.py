@@ -45,11 +45,24 @@ PAPER_MEAN = {"p17": 0.866, "p33": 0.900, "p65": 0.857, "multiscale": 0.914}
 
 def describe_schedule(config) -> str:
     """One line naming what the run did (the table must say when it is not the paper's)."""
+    from ustad.train.students import scale_epochs
+
     teacher = config.teacher_workdir or f"trained here, {config.teacher.num_steps} steps"
+    epochs = sorted({scale_epochs(config.students, p) for p in config.patch_sizes})
+    if len(epochs) > 1:
+        epochs = ", ".join(
+            f"{scale_epochs(config.students, p)} (p = {p})" for p in config.patch_sizes
+        )
+    else:
+        epochs = str(epochs[0])
+    s = config.students
+    recipe = f"lr {s.learning_rate:g} {s.get('lr_schedule', 'constant')}"
+    if s.get("crop_size"):
+        recipe += f", crops {s.crop_size}²"
     return (
         f"{config.schedule}: {config.image_size}×{config.image_size}, p = "
         f"{', '.join(str(p) for p in config.patch_sizes)}, M = {config.students.num_students}, "
-        f"{config.students.epochs} epochs, batch {config.students.batch_size}, teacher: {teacher}"
+        f"{epochs} epochs, batch {s.batch_size}, {recipe}, teacher: {teacher}"
     )
 
 

@@ -179,3 +179,19 @@ def test_crop_training_resumes_exactly_and_calls_the_hook(data, tmp_path, monkey
         train_students(
             _config(target_cache="float32"), tmp_path / "resumed", images, teacher=teacher
         )
+
+
+def test_scale_epochs_override_config_epochs_per_scale():
+    from ustad.train.students import scale_epochs
+
+    config = _config(epochs=4)
+    assert scale_epochs(config, 17) == 4
+    config.scale_epochs = {"p17": 12, "p65": 3}
+    assert (scale_epochs(config, 17), scale_epochs(config, 33), scale_epochs(config, 65)) == (
+        12,
+        4,
+        3,
+    )
+    config.scale_epochs.p65 = 0
+    with pytest.raises(ValueError, match="p=65 must be a positive integer"):
+        scale_epochs(config, 65)

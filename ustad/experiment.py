@@ -215,7 +215,7 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | os.PathLike
         scale_dir = workdir / "students" / f"p{p}"
         print(
             f"[ustad] students p={p}: M={students_config.num_students}, "
-            f"{students_config.epochs} epochs → {scale_dir}",
+            f"{students_lib.scale_epochs(students_config, p)} epochs → {scale_dir}",
             flush=True,
         )
         students_lib.train_students(students_config, scale_dir, train_images, patch_size=p)
@@ -240,7 +240,9 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | os.PathLike
             "image_size": config.image_size,
             "patch_sizes": list(config.patch_sizes),
             "num_students": config.students.num_students,
-            "epochs": config.students.epochs,
+            "epochs": {
+                f"p{p}": students_lib.scale_epochs(config.students, p) for p in config.patch_sizes
+            },  # fmt: skip
             "image_score": "max of the anomaly map",
             "timings_s": {k: round(v, 2) for k, v in timings.items()},
         },

@@ -29,6 +29,7 @@ RESUME_SETTINGS = (
     "crop_size",
     "lr_schedule",
     "warmup_steps",
+    "scale_epochs",
 )
 
 
@@ -71,6 +72,8 @@ def _check_compatible(meta, module, config, image_size, channels, workdir, finge
 
 
 def _json_value(value):
+    if hasattr(value, "to_dict"):  # a ConfigDict field (scale_epochs) is saved as a dict
+        return value.to_dict()
     return list(value) if isinstance(value, tuple) else value
 
 

@@ -167,7 +167,8 @@ def train_students(
         if batch_size > len(train_images):
             raise ValueError(f"batch_size={batch_size} > {len(train_images)} training images")
         steps_per_epoch = num_batches(len(train_images), batch_size)
-    total_steps = config.epochs * steps_per_epoch
+    epochs = scale_epochs(config, module.patch_size)
+    total_steps = epochs * steps_per_epoch
 
     compute_dtype = jnp.dtype(config.get("compute_dtype", "float32"))
     # Cloning only when needed keeps the student equal (and hash-equal) to the teacher module,
@@ -351,7 +352,7 @@ def _train_loop(
     last_time, last_step = time.perf_counter(), step
     students = state["students"]
     try:
-        for epoch in range(start_step // steps_per_epoch, config.epochs):
+        for epoch in range(start_step // steps_per_epoch, total_steps // steps_per_epoch):
             if crops:
                 stop = min((epoch + 1) * steps_per_epoch, total_steps)
                 batches = (
@@ -403,6 +404,16 @@ def _train_loop(
         if bar:
             bar.close()
     return dict(state, students=students)
+
+
+def scale_epochs(config: ml_collections.ConfigDict, patch_size: int) -> int:
+    """The epochs of the scale ``patch_size``: ``config.scale_epochs["p<p>"]`` when the config
+    sets it (a multi-scale run may give its cheap scales more epochs), else ``config.epochs``."""
+    by_scale = config.get("scale_epochs") or {}
+    value = by_scale.get(f"p{patch_size}", config.epochs)
+    if int(value) != value or value < 1:
+        raise ValueError(f"epochs for p={patch_size} must be a positive integer, got {value!r}")
+    return int(value)
 
 
 def _check_values(losses: np.ndarray, step: int) -> None:
