@@ -11,10 +11,11 @@
   and category plus the teachers once.
 * ``reduced``: the same pipeline at 128×128, p = 33 only, 20 epochs, a 5,000-step teacher: the
   schedule a CPU can finish in a few hours. The table states which schedule produced it.
-* ``cpu``: what 2 CPU cores finish in about 40 minutes for one category (bottle: 41 min):
-  128×128, p = 33 only (at 128² p = 33 sees the same share of the object as the paper's p = 65
-  at 256²), M = 3, 2 epochs, and a teacher given by ``--config.teacher_workdir`` (RESULTS.md:
-  3,000 steps).
+* ``cpu``: the students' ``cpu`` preset (configs/students.py): the shipped small teachers at
+  128×128, p = 17, 33 and multi-scale, M = 3, batch 2, Adam 1e-3, 10 / 12 epochs: about
+  30 minutes of student training on 2 CPU cores for one category (RESULTS.md).
+* ``cpu_p33``: the former ``cpu`` schedule: 128×128, p = 33 only, M = 3, 2 epochs at the paper's
+  rate, a teacher given by ``--config.teacher_workdir``.
 * ``smoke``: tiny networks and 2 epochs, to check the wiring (seconds).
 """
 
@@ -52,6 +53,16 @@ def get_config(arg: str = "paper") -> ml_collections.ConfigDict:
         config.students.epochs = 20
         return config
     if arg == "cpu":
+        # configs/students.py:cpu, the preset measured in benchmarks/convergence.py.
+        students = students_configs.get_config("cpu")
+        config.image_size = students.image_size
+        config.patch_sizes = students.patch_sizes
+        config.teacher_workdir = students.teacher_workdir
+        config.students = students
+        return config
+    if arg == "cpu_p33":
+        # The former cpu schedule (RESULTS.md: bottle AU-PRO 0.525): p = 33, 2 epochs, the
+        # paper's rate, a teacher given by --config.teacher_workdir.
         config.image_size = 128
         config.patch_sizes = (33,)
         config.teacher.num_steps = 3000
@@ -66,4 +77,4 @@ def get_config(arg: str = "paper") -> ml_collections.ConfigDict:
         config.students.val_fraction = 0.25
         config.report.examples_per_type = 1
         return config
-    raise ValueError(f"unknown config {arg!r}; choose paper, reduced, cpu or smoke")
+    raise ValueError(f"unknown config {arg!r}; choose paper, reduced, cpu, cpu_p33 or smoke")

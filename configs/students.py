@@ -25,6 +25,8 @@ from __future__ import annotations
 import ml_collections
 
 PATCH_SIZES = {"p17": (17,), "p33": (33,), "p65": (65,), "multiscale": (17, 33, 65)}
+# Epochs per scale of the ``cpu`` preset (a p = 33 step costs ~2× a p = 17 one on CPU).
+CPU_EPOCHS = {"p17": 10, "p33": 12}
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -100,6 +102,10 @@ def get_config(arg: str = "p65") -> ml_collections.ConfigDict:
       ``scripts/score.py --workdirs <workdir>`` averages them. About 3× the p65 runtime.
     * ``p17_small``, ``p33_small``, ``p65_small``, ``multiscale_small``: the same with the
       shipped small teachers (an eighth of the widths, d = 32): ~40× fewer FLOPs per step.
+    * ``cpu``: the preset for 2 CPU cores: the small p = 17 and p = 33 teachers at 128², batch 2,
+      Adam 1e-3 constant, ``scale_epochs`` p17 10 / p33 12 (~30 minutes of student training;
+      RESULTS.md has its bottle figures). ``ustad train-students --config=configs/students.py:cpu
+      --workdir=runs/bottle_cpu --config.data_dir=<mvtec root> --config.category=bottle``.
     * ``smoke``: tiny random teacher, 32² synthetic images written to ``/tmp`` on the fly, 2
       epochs: ``python scripts/train_students.py --config configs/students.py:smoke --workdir
       /tmp/ustad_smoke`` runs end to end in under a minute on CPU (no data, no teacher needed;
@@ -108,6 +114,20 @@ def get_config(arg: str = "p65") -> ml_collections.ConfigDict:
     config = base_config()
     if arg in PATCH_SIZES:
         config.patch_sizes = PATCH_SIZES[arg]
+        return config
+    if arg == "cpu":
+        # The most bottle AU-PRO measured per CPU-minute (benchmarks/convergence.py, RESULTS.md
+        # "Students per CPU-minute"): the shipped small teachers at 128², p = 17 and 33 (p65_small
+        # reached only 0.53 in 10 minutes), whole images in pairs at a constant Adam rate of 1e-3
+        # (10× the paper's; a cosine decay and exact-context crops both measured worse), epochs
+        # per scale sized to ~30 minutes of training on 2 CPU cores in all.
+        config.image_size = 128
+        config.patch_sizes = (17, 33)
+        config.teacher_workdir = "p{p}_small"
+        config.batch_size = 2
+        config.learning_rate = 1e-3
+        config.epochs = CPU_EPOCHS["p33"]
+        config.scale_epochs = dict(CPU_EPOCHS)
         return config
     if arg.endswith("_small") and arg[: -len("_small")] in PATCH_SIZES:
         # The shipped small teachers (⅛ widths, d = 32); students share their architecture.
@@ -130,5 +150,6 @@ def get_config(arg: str = "p65") -> ml_collections.ConfigDict:
         config.log_every_steps = 2
         return config
     raise ValueError(
-        f"unknown config {arg!r}; choose p17, p33, p65, multiscale (each also with _small) or smoke"
+        f"unknown config {arg!r}; choose p17, p33, p65, multiscale (each also with _small), cpu or "
+        f"smoke"
     )
