@@ -223,6 +223,19 @@ def smooth_maps(maps, sigma: float) -> np.ndarray:
     return ndimage.gaussian_filter(maps, sigma=(0, sigma, sigma), mode="reflect")
 
 
+def final_scores(summed_maps, count: int, *, smooth_sigma: float, reduction: str, top_k: int):
+    """The detectors' last step: the mean of ``count`` summed maps, smoothed by ``smooth_sigma``
+    (:func:`smooth_maps`), and the image scores by ``reduction`` / ``top_k``
+    (:func:`reduce_maps`). Returns ``(maps [N, H, W], scores [N])`` as NumPy arrays."""
+    maps = smooth_maps(summed_maps / count, smooth_sigma)
+    return maps, np.asarray(reduce_maps(jnp.asarray(maps), reduction, top_k))
+
+
+def scoring_settings(reduction: str, top_k: int, smooth_sigma: float) -> dict:
+    """The scoring options, JSON-ready (recorded next to what ``ustad score`` writes)."""
+    return {"reduction": reduction, "top_k": int(top_k), "smooth_sigma": smooth_sigma}
+
+
 def reduce_maps(maps: jax.Array, reduction: str = "max", top_k: int = 100) -> jax.Array:
     """Image scores from anomaly maps.
 

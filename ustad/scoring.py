@@ -35,6 +35,7 @@ from ustad.score_maps import (
     check_scoring_options,
     compute_normalization,
     error_and_variance,
+    final_scores,
     map_members,
     mixture_mean,
     normalization_from_moments,
@@ -43,6 +44,7 @@ from ustad.score_maps import (
     reduce_maps,
     regression_error,
     resolve_member_strategy,
+    scoring_settings,
     smooth_maps,
     teacher_targets,
 )
@@ -341,18 +343,15 @@ class Detector:
             if maps.shape[1:] != (height, width):
                 maps = np.asarray(jax.image.resize(maps, (count, height, width), "linear"))
             total += maps
-        maps = smooth_maps(total / len(self.scales), self.smooth_sigma)
-        scores = np.asarray(reduce_maps(jnp.asarray(maps), self.reduction, self.top_k))
-        return maps, scores
+        return final_scores(
+            total, len(self.scales), smooth_sigma=self.smooth_sigma, reduction=self.reduction,
+            top_k=self.top_k,
+        )  # fmt: skip
 
     @property
     def settings(self) -> dict:
         """The scoring options, JSON-ready (recorded next to what ``ustad score`` writes)."""
-        return {
-            "reduction": self.reduction,
-            "top_k": int(self.top_k),
-            "smooth_sigma": self.smooth_sigma,
-        }
+        return scoring_settings(self.reduction, self.top_k, self.smooth_sigma)
 
     def _warn_if_squashed(self, image_hw, size, members) -> None:
         """Once per input size: a warning when scoring at ``size`` squashes the images."""

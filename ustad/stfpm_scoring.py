@@ -28,10 +28,10 @@ from ustad import sharding as shd
 from ustad import stfpm
 from ustad.score_maps import (
     check_scoring_options,
+    final_scores,
     map_members,
-    reduce_maps,
     resolve_member_strategy,
-    smooth_maps,
+    scoring_settings,
 )
 from ustad.stfpm_nets import pyramid_from_spec
 
@@ -276,18 +276,15 @@ class STFPMDetector:
             if maps.shape[1:] != (height, width):
                 maps = np.asarray(jax.image.resize(maps, (count, height, width), "linear"))
             total += maps
-        maps = smooth_maps(total / len(self.models), self.smooth_sigma)
-        scores = np.asarray(reduce_maps(jnp.asarray(maps), self.reduction, self.top_k))
-        return maps, scores
+        return final_scores(
+            total, len(self.models), smooth_sigma=self.smooth_sigma, reduction=self.reduction,
+            top_k=self.top_k,
+        )  # fmt: skip
 
     @property
     def settings(self) -> dict:
         """The scoring options, JSON-ready (as :attr:`ustad.scoring.Detector.settings`)."""
-        return {
-            "reduction": self.reduction,
-            "top_k": int(self.top_k),
-            "smooth_sigma": self.smooth_sigma,
-        }
+        return scoring_settings(self.reduction, self.top_k, self.smooth_sigma)
 
     def _score_chunks(self, fn, params, images: np.ndarray) -> np.ndarray:
         outputs = []
