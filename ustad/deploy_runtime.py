@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ustad.host_images import as_unit_float, convert_channels, resize_bilinear
+
 SUFFIXES = (".onnx", ".jaxexport")
 
 
@@ -82,7 +84,7 @@ class ExportedDetector:
         Raises:
           ValueError: another shape (the message names the exported one) or range.
         """
-        images = _unit_float(images)
+        images = as_unit_float(images)
         expected = (*self.image_size, self.channels)
         if images.ndim != 4 or images.shape[1:] != expected:
             raise ValueError(
@@ -97,12 +99,12 @@ class ExportedDetector:
     def score(self, images) -> tuple[np.ndarray, np.ndarray]:
         """As :meth:`ustad.scoring.Detector.score`: any size and 1 or 3 channels (resized and
         converted on the host as the Detector does, the maps resized back to each image)."""
-        images = _convert_channels(_unit_float(images), self.channels)
+        images = convert_channels(as_unit_float(images), self.channels, expected_by="the model")
         if images.ndim != 4:
             raise ValueError(f"images must be [N, H, W, C], got shape {images.shape}")
         count, height, width = images.shape[:3]
         if (height, width) != self.image_size:
-            images = np.stack([_resize_image(image, self.image_size) for image in images])
+            images = np.stack([resize_bilinear(image, self.image_size) for image in images])
         maps, scores = self(images)
         if maps.shape[1:] != (height, width):
             import jax
@@ -115,58 +117,6 @@ class ExportedDetector:
 def load(path: str | os.PathLike, **kwargs) -> ExportedDetector:
     """Load a ``.onnx`` or ``.jaxexport`` detector; see :class:`ExportedDetector`."""
     return ExportedDetector(path, **kwargs)
-
-
-def _unit_float(images) -> np.ndarray:
-    images = np.asarray(images)
-    if images.dtype == np.uint8:
-        return images.astype(np.float32) / np.float32(255)
-    if images.dtype == np.uint16:
-        return images.astype(np.float32) / np.float32(65535)
-    if not np.issubdtype(images.dtype, np.floating):
-        raise ValueError(f"images must be float in [0, 1], uint8 or uint16, got {images.dtype}")
-    images = images.astype(np.float32)
-    finite = images[np.isfinite(images)]
-    if finite.size and (finite.min() < -1e-3 or finite.max() > 1 + 1e-3):
-        raise ValueError(
-            f"images must be float in [0, 1]; these range over [{finite.min():.4g}, "
-            f"{finite.max():.4g}]: divide 0–255 values by 255 (or pass uint8)"
-        )
-    return images
-
-
-# The host-side conversions of ustad.scoring.Detector.score, repeated here because the modules
-# that define them import Flax (ustad.scoring) and the dataset readers (the ustad.data package:
-# scikit-image, SciPy): scoring an exported file needs none of them (tests/test_deploy.py checks
-# both the copies and the imports).
-
-
-def _convert_channels(images: np.ndarray, channels: int) -> np.ndarray:
-    """As :func:`ustad.scoring.convert_channels`: gray repeated to RGB, or RGB to luma."""
-    if images.shape[-1] == channels:
-        return images
-    if images.shape[-1] == 1 and channels == 3:
-        return np.repeat(images, 3, axis=-1)
-    if images.shape[-1] == 3 and channels == 1:
-        return (images @ np.array([0.299, 0.587, 0.114], np.float32))[..., None]
-    raise ValueError(f"images have {images.shape[-1]} channels; the model takes {channels}")
-
-
-def _resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """As :func:`ustad.data.images.resize_image`: PIL's antialiased bilinear filter per
-    channel, ``[H, W, C]`` float32 → ``[*size, C]`` clipped to [0, 1]."""
-    from PIL import Image
-
-    height, width = size
-    channels = [
-        np.asarray(
-            Image.fromarray(np.ascontiguousarray(image[..., c], np.float32)).resize(
-                (width, height), Image.Resampling.BILINEAR
-            )
-        )
-        for c in range(image.shape[-1])
-    ]
-    return np.clip(np.stack(channels, axis=-1), 0.0, 1.0).astype(np.float32)
 
 
 def _reduce(maps: np.ndarray, reduction: str, top_k: int) -> np.ndarray:

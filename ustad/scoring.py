@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ustad import sharding as shd
+from ustad.host_images import as_unit_float, convert_channels
 from ustad.models.patch_net import PatchNet, layers_from_json
 from ustad.score_maps import (
     MEMBER_STRATEGIES,
@@ -180,47 +181,6 @@ def load_scale(workdir: str | os.PathLike) -> ScaleModel:
         channels=int(meta["channels"]),
         padding=meta.get("padding", "reflect"),
     )
-
-
-def convert_channels(images: np.ndarray, channels: int) -> np.ndarray:
-    """``[..., C]`` images as ``channels`` channels: gray repeated to RGB, or RGB to luma."""
-    if images.shape[-1] == channels:
-        return images
-    if images.shape[-1] == 1 and channels == 3:
-        return np.repeat(images, 3, axis=-1)
-    if images.shape[-1] == 3 and channels == 1:
-        # Same luma weights as ustad.data.images.read_image(grayscale=True).
-        return (images @ np.array([0.299, 0.587, 0.114], np.float32))[..., None]
-    raise ValueError(f"images have {images.shape[-1]} channels; the students expect {channels}")
-
-
-def as_unit_float(images) -> np.ndarray:
-    """Images as float32 in [0, 1]: uint8 divided by 255, uint16 by 65535, floats checked.
-
-    Args:
-      images: ``[..., C]`` uint8, uint16 or float in [0, 1].
-
-    Raises:
-      ValueError: other integer types, or floats outside [0, 1] (e.g. 0–255 values, or images
-        normalised by a mean and std), which would score every image alike.
-    """
-    images = np.asarray(images)
-    if images.dtype == np.uint8:
-        return images.astype(np.float32) / np.float32(255)
-    if images.dtype == np.uint16:
-        return images.astype(np.float32) / np.float32(65535)
-    if not np.issubdtype(images.dtype, np.floating):
-        raise ValueError(f"images must be float in [0, 1], uint8 or uint16, got {images.dtype}")
-    images = images.astype(np.float32)
-    finite = images[np.isfinite(images)]  # NaN and inf are reported by the callers
-    if finite.size:
-        low, high = float(finite.min()), float(finite.max())
-        if low < -1e-3 or high > 1 + 1e-3:
-            raise ValueError(
-                f"images must be float in [0, 1]; these range over [{low:.4g}, {high:.4g}]: "
-                f"divide 0–255 values by 255 (or pass uint8), and do not mean/std-normalise"
-            )
-    return images
 
 
 def _resize_images(images: np.ndarray, size: tuple[int, int]) -> np.ndarray:

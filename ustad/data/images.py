@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ustad.host_images import resize_bilinear
 from ustad.io import atomic_write
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
@@ -253,15 +254,7 @@ def resize_image(image: np.ndarray, size: int | Sequence[int]) -> np.ndarray:
     height, width = as_size(size)
     if image.shape[:2] == (height, width):
         return image
-    channels = [
-        np.asarray(
-            Image.fromarray(np.ascontiguousarray(image[..., c], np.float32)).resize(
-                (width, height), Image.Resampling.BILINEAR
-            )
-        )
-        for c in range(image.shape[-1])
-    ]
-    return np.clip(np.stack(channels, axis=-1), 0.0, 1.0).astype(np.float32)
+    return resize_bilinear(image, (height, width))
 
 
 def resize_mask(mask: np.ndarray, size: int | Sequence[int]) -> np.ndarray:
