@@ -12,7 +12,7 @@
 * ``cpu``: what 2 CPU cores finish in well under an hour for all 10 classes: 1 epoch on 150
   training images per class, tested on 300 test images per class, a teacher given by
   ``--config.teacher_workdir`` (an RGB teacher serves: the digits are repeated to RGB).
-* ``cpu_tiny``: what one shared CPU core finishes in about 2 minutes per class (the four
+* ``cpu_tiny``: what one shared CPU core finishes in 2–2.5 minutes per class (the four
   one-class tables of RESULTS.md, 40 runs): the shipped full-width p = 33 teacher, M = 5,
   1 epoch on 20 training images per class (18 steps; 2 held out for the score normalisation),
   tested on 40 test images, 20 of the normal class and 20 of the others.
