@@ -184,3 +184,23 @@ def _put(x, sharding: NamedSharding) -> jax.Array:
         return jax.device_put(x, sharding)
     x = np.asarray(x)
     return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+def training_mesh(config, num_students: int) -> tuple[Mesh, bool]:
+    """The ``("data", "ensemble")`` mesh of a students run and whether the members are split.
+
+    Reads ``config.num_devices`` (0 = all), ``config.ensemble_axis_size`` and
+    ``config.batch_size``; ``ValueError`` naming the setting when the M students or the batch
+    do not split over the mesh.
+    """
+    num_devices = config.get("num_devices", 0) or jax.device_count()
+    mesh = make_mesh(config.ensemble_axis_size, jax.devices()[:num_devices])
+    shard_members = config.ensemble_axis_size > 1
+    check_members(mesh, num_students, shard_members)
+    if config.batch_size % data_size(mesh):
+        raise ValueError(
+            f"batch_size={config.batch_size} does not split over {data_size(mesh)} "
+            f"data-parallel devices; use a multiple, set ensemble_axis_size (students across "
+            f"devices) or num_devices"
+        )
+    return mesh, shard_members

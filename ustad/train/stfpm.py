@@ -109,16 +109,8 @@ def train_stfpm(
     )
     teacher, teacher_source = teacher_from_config(config, network, jax.random.fold_in(key, 2))
 
-    num_devices = config.get("num_devices", 0) or jax.device_count()
-    mesh = shd.make_mesh(config.ensemble_axis_size, jax.devices()[:num_devices])
-    shard_members = config.ensemble_axis_size > 1
-    shd.check_members(mesh, config.num_students, shard_members)
+    mesh, shard_members = shd.training_mesh(config, config.num_students)
     batch_size = config.batch_size
-    if batch_size % shd.data_size(mesh):
-        raise ValueError(
-            f"batch_size={batch_size} does not split over {shd.data_size(mesh)} data-parallel "
-            f"devices; use a multiple, or set num_devices"
-        )
     if batch_size > len(train_images):
         raise ValueError(f"batch_size={batch_size} > {len(train_images)} training images")
     steps_per_epoch = num_batches(len(train_images), batch_size)

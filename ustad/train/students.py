@@ -148,17 +148,8 @@ def train_students(
         )
     inputs.check_image_size(image_size, module)
 
-    num_devices = config.get("num_devices", 0) or jax.device_count()
-    mesh = shd.make_mesh(config.ensemble_axis_size, jax.devices()[:num_devices])
-    shard_members = config.ensemble_axis_size > 1
-    shd.check_members(mesh, config.num_students, shard_members)
+    mesh, shard_members = shd.training_mesh(config, config.num_students)
     batch_size = config.batch_size
-    if batch_size % shd.data_size(mesh):
-        raise ValueError(
-            f"batch_size={batch_size} does not split over {shd.data_size(mesh)} data-parallel "
-            f"devices; use a multiple, set ensemble_axis_size (students across devices) or "
-            f"num_devices"
-        )
     crop_size = int(config.get("crop_size", 0) or 0)
     if crop_size:
         check_crop_size(crop_size, image_size, module)
