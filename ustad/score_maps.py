@@ -223,11 +223,34 @@ def smooth_maps(maps, sigma: float) -> np.ndarray:
     return ndimage.gaussian_filter(maps, sigma=(0, sigma, sigma), mode="reflect")
 
 
-def final_scores(summed_maps, count: int, *, smooth_sigma: float, reduction: str, top_k: int):
-    """The detectors' last step: the mean of ``count`` summed maps, smoothed by ``smooth_sigma``
-    (:func:`smooth_maps`), and the image scores by ``reduction`` / ``top_k``
-    (:func:`reduce_maps`). Returns ``(maps [N, H, W], scores [N])`` as NumPy arrays."""
-    maps = smooth_maps(summed_maps / count, smooth_sigma)
+def combine_scales(images, scorers, count: int, *, smooth_sigma: float, reduction: str, top_k: int):
+    """The detectors' multi-scale score: the mean over ``count`` scales of the maps the
+    ``scorers`` sum (each resized bilinearly back to the images' H × W where it differs),
+    smoothed by ``smooth_sigma`` (:func:`smooth_maps`), and the image scores by ``reduction``
+    / ``top_k`` (:func:`reduce_maps`).
+
+    Args:
+      images: ``[N, H, W, C]`` (anything :func:`ustad.host_images.as_unit_float` takes).
+      scorers: callables, each ``[N, H, W, C]`` float in [0, 1] → ``[N, h, w]`` maps (the
+        sum of the maps of the scales it scores).
+      count: how many scales the scorers score in all.
+
+    Returns:
+      ``(maps [N, H, W] float32, scores [N] float32)`` as NumPy arrays.
+    """
+    from ustad.host_images import as_unit_float
+
+    images = as_unit_float(images)
+    if images.ndim != 4:
+        raise ValueError(f"images must be [N, H, W, C], got shape {images.shape}")
+    shape = images.shape[:3]
+    total = np.zeros(shape, np.float32)
+    for scorer in scorers:
+        maps = scorer(images)
+        if maps.shape != shape:
+            maps = np.asarray(jax.image.resize(maps, shape, "linear"))
+        total += maps
+    maps = smooth_maps(total / count, smooth_sigma)
     return maps, np.asarray(reduce_maps(jnp.asarray(maps), reduction, top_k))
 
 

@@ -34,9 +34,9 @@ from ustad.score_maps import (
     ScoreNormalization,
     check_normalization,
     check_scoring_options,
+    combine_scales,
     compute_normalization,
     error_and_variance,
-    final_scores,
     map_members,
     mixture_mean,
     normalization_from_moments,
@@ -291,21 +291,19 @@ class Detector:
           ``(maps [N, H, W] float32, image_scores [N] float32)``; with ``smooth_sigma`` the maps
           are the smoothed ones and the scores are reduced from them.
         """
-        images = as_unit_float(images)
-        if images.ndim != 4:
-            raise ValueError(f"images must be [N, H, W, C], got shape {images.shape}")
-        count, height, width = images.shape[:3]
-        total = np.zeros((count, height, width), np.float32)
-        for (size, channels), members in self._groups:
-            self._warn_if_squashed((height, width), size, members)
-            inputs = _resize_images(convert_channels(images, channels), size)
-            maps = self._score_group((size, channels), inputs)
-            if maps.shape[1:] != (height, width):
-                maps = np.asarray(jax.image.resize(maps, (count, height, width), "linear"))
-            total += maps
-        return final_scores(
-            total, len(self.scales), smooth_sigma=self.smooth_sigma, reduction=self.reduction,
-            top_k=self.top_k,
+
+        def scorer(size, channels, members):
+            def score(images):
+                self._warn_if_squashed(images.shape[1:3], size, members)
+                inputs = _resize_images(convert_channels(images, channels), size)
+                return self._score_group((size, channels), inputs)
+
+            return score
+
+        scorers = [scorer(*key, members) for key, members in self._groups]
+        return combine_scales(
+            images, scorers, len(self.scales), smooth_sigma=self.smooth_sigma,
+            reduction=self.reduction, top_k=self.top_k,
         )  # fmt: skip
 
     @property

@@ -28,7 +28,7 @@ from ustad import sharding as shd
 from ustad import stfpm
 from ustad.score_maps import (
     check_scoring_options,
-    final_scores,
+    combine_scales,
     map_members,
     resolve_member_strategy,
     scoring_settings,
@@ -263,22 +263,19 @@ class STFPMDetector:
         Returns:
             ``(maps [N, H, W] float32, image_scores [N] float32)``.
         """
-        from ustad.scoring import as_unit_float, convert_channels
+        from ustad.scoring import convert_channels
 
-        images = as_unit_float(images)
-        if images.ndim != 4:
-            raise ValueError(f"images must be [N, H, W, C], got shape {images.shape}")
-        count, height, width = images.shape[:3]
-        total = np.zeros((count, height, width), np.float32)
-        for model, fn, params in zip(self.models, self._fns, self._params, strict=True):
-            inputs = _resize(convert_channels(images, model.channels), model.image_size)
-            maps = self._score_chunks(fn, params, inputs)
-            if maps.shape[1:] != (height, width):
-                maps = np.asarray(jax.image.resize(maps, (count, height, width), "linear"))
-            total += maps
-        return final_scores(
-            total, len(self.models), smooth_sigma=self.smooth_sigma, reduction=self.reduction,
-            top_k=self.top_k,
+        def scorer(model, fn, params):
+            def score(images):
+                inputs = _resize(convert_channels(images, model.channels), model.image_size)
+                return self._score_chunks(fn, params, inputs)
+
+            return score
+
+        scorers = map(scorer, self.models, self._fns, self._params)
+        return combine_scales(
+            images, list(scorers), len(self.models), smooth_sigma=self.smooth_sigma,
+            reduction=self.reduction, top_k=self.top_k,
         )  # fmt: skip
 
     @property
