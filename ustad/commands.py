@@ -220,17 +220,19 @@ def _define_score(fv, argv):
     )
 
 
-def _detector_flags(fv):
-    flags.DEFINE_integer("batch_size", 8, "images per jitted call", flag_values=fv)
+def _score_option_flags(fv, smooth_help: str):
+    """--reduction, --top_k and --smooth_sigma (ustad.score_maps.check_scoring_options)."""
     flags.DEFINE_enum(
         "reduction", "max", ["max", "mean", "topk"], "image score from the map", flag_values=fv
     )
     flags.DEFINE_integer("top_k", 100, "pixels averaged by --reduction=topk", flag_values=fv)
-    flags.DEFINE_float(
-        "smooth_sigma",
-        0.0,
-        "Gaussian smoothing of the maps before the image score, σ in pixels (0: none)",
-        flag_values=fv,
+    flags.DEFINE_float("smooth_sigma", 0.0, smooth_help, flag_values=fv)
+
+
+def _detector_flags(fv):
+    flags.DEFINE_integer("batch_size", 8, "images per jitted call", flag_values=fv)
+    _score_option_flags(
+        fv, "Gaussian smoothing of the maps before the image score, σ in pixels (0: none)"
     )
     flags.DEFINE_bool("bf16", False, "run the networks in bfloat16", flag_values=fv)
 
@@ -316,16 +318,7 @@ def _define_export(fv, argv):
     flags.DEFINE_integer(
         "size", 0, "image size it takes (0: the students' training size)", flag_values=fv
     )
-    flags.DEFINE_enum(
-        "reduction", "max", ["max", "mean", "topk"], "image score from the map", flag_values=fv
-    )
-    flags.DEFINE_integer("top_k", 100, "pixels averaged by --reduction=topk", flag_values=fv)
-    flags.DEFINE_float(
-        "smooth_sigma",
-        0.0,
-        "not supported: exported models do not smooth (must be 0)",
-        flag_values=fv,
-    )
+    _score_option_flags(fv, "not supported: exported models do not smooth (must be 0)")
     flags.DEFINE_enum(
         "method",
         "multipool",
