@@ -19,6 +19,7 @@ from ustad import sharding as shd
 from ustad import stfpm
 from ustad.stfpm_nets import teacher_variables
 from ustad.stfpm_scoring import STFPMModel
+from ustad.train.student_checkpoints import changed_settings
 
 PyTree = Any
 
@@ -62,10 +63,6 @@ def teacher_from_config(config, network, key) -> tuple[PyTree, str]:
     return teacher_variables(network, backbone.variables), source
 
 
-def _json_value(value):
-    return list(value) if isinstance(value, tuple) else value
-
-
 def check_compatible(meta: dict, config, image_size, workdir, fingerprint) -> None:
     """A resumed run must continue the same problem; say what differs otherwise."""
     if meta.get("family") != stfpm.FAMILY:
@@ -78,12 +75,7 @@ def check_compatible(meta: dict, config, image_size, workdir, fingerprint) -> No
             f"{workdir} holds a run at image_size={meta.get('image_size')}, this one is "
             f"{list(image_size)} (--config.image_size); use a new --workdir"
         )
-    saved = meta.get("config", {})
-    changed = [
-        f"{name}={saved[name]!r} (now {config[name]!r})"
-        for name in RESUME_SETTINGS
-        if name in saved and name in config and saved[name] != _json_value(config[name])
-    ]
+    changed = changed_settings(meta, config, RESUME_SETTINGS)
     if changed:
         raise ValueError(
             f"{workdir} holds a run trained with {', '.join(changed)}; use a new --workdir, or "

@@ -51,12 +51,7 @@ def _check_compatible(meta, module, config, image_size, channels, workdir, finge
                 f"{workdir} holds a run with {name}={meta[name]}, but this run has {value} "
                 f"(--config.{name}); use a new --workdir, or the old setting to resume it"
             )
-    saved = meta.get("config", {})
-    changed = [
-        f"{name}={saved[name]!r} (now {config[name]!r})"
-        for name in RESUME_SETTINGS
-        if name in saved and name in config and saved[name] != _json_value(config[name])
-    ]
+    changed = changed_settings(meta, config, RESUME_SETTINGS)
     if changed:
         state = "finished" if meta.get("score_normalization") else "unfinished"
         raise ValueError(
@@ -69,6 +64,18 @@ def _check_compatible(meta, module, config, image_size, channels, workdir, finge
             f"{workdir} holds a run trained on other images (data_dir, category, image_size or "
             f"the images themselves changed); use a new --workdir"
         )
+
+
+def changed_settings(meta: dict, config, names) -> list[str]:
+    """``"name=saved (now current)"`` for each of ``names`` whose value in the checkpoint's
+    saved config (``meta["config"]``) differs from ``config``'s; settings missing on either
+    side are not compared."""
+    saved = meta.get("config", {})
+    return [
+        f"{name}={saved[name]!r} (now {config[name]!r})"
+        for name in names
+        if name in saved and name in config and saved[name] != _json_value(config[name])
+    ]
 
 
 def _json_value(value):
