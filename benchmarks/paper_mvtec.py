@@ -118,6 +118,7 @@ def main(argv):
                     "benchmark": "paper_mvtec",
                     "device": device,
                     "schedule": config.schedule,
+                    "schedule_detail": describe_schedule(config),
                     **rows[-1],
                 }
             ),
