@@ -12,8 +12,9 @@
 * ``reduced``: the same pipeline at 128×128, p = 33 only, 20 epochs, a 5,000-step teacher: the
   schedule a CPU can finish in a few hours. The table states which schedule produced it.
 * ``cpu``: the students' ``cpu`` preset (configs/students.py): the shipped small teachers at
-  128×128, p = 17, 33 and multi-scale, M = 3, batch 2, Adam 1e-3, 10 / 12 epochs: about
-  30 minutes of student training on 2 CPU cores for one category (RESULTS.md).
+  128×128, p = 17, 33 and multi-scale, M = 3, batch 2, Adam 3e-3, 10 / 12 epochs: about
+  27 minutes of student training on 2 AVX2 CPU cores for one category, 14 on 2 AVX-512 cores
+  (RESULTS.md).
 * ``cpu_p33``: the former ``cpu`` schedule: 128×128, p = 33 only, M = 3, 2 epochs at the paper's
   rate, a teacher given by ``--config.teacher_workdir``.
 * ``smoke``: tiny networks and 2 epochs, to check the wiring (seconds).
