@@ -17,10 +17,10 @@ demo: $(STAMP)
 	$(VENV)/bin/ustad demo --out demo_out
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist worksteal
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check ustad tests scripts benchmarks configs
+	$(VENV)/bin/ruff check ustad tests benchmarks configs
 
 clean:
 	rm -rf $(VENV) demo_out

@@ -1,4 +1,5 @@
-"""A stand-in baseline on one MVTec AD category, evaluated and reported with ustad.evaluate.
+"""A stand-in baseline on one MVTec AD category, evaluated and reported with
+ustad.evaluation.reports.
 
 Two score sets, both per pixel against the training images (blurred, then compared):
 - "l2_to_mean": Euclidean distance over channels to the mean training image;
@@ -26,7 +27,7 @@ from PIL import Image
 from scipy import ndimage
 
 from benchmarks.common import emit
-from ustad import evaluate
+from ustad.evaluation import reports as evaluate
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("data_dir", None, "folder holding <category>/train, test, ground_truth")

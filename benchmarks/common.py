@@ -78,34 +78,5 @@ def compiled_stats(jitted, *args) -> dict:
     return stats
 
 
-def dense_conv_flops(network, height: int, width: int) -> tuple[float, float]:
-    """Forward FLOPs of multi-pooling dense extraction of one image, and those of the first conv.
-
-    Follows ``ustad.dense`` exactly: the image padded by (p−1)/2, every s×s pooling multiplying
-    the stacked batch by s² and taking ``(S − s + 1) // s`` outputs. 2 FLOPs per MAC.
-    """
-    from ustad.models.patch_net import Conv
-
-    rows, cols = height + network.patch_size - 1, width + network.patch_size - 1
-    stacked, channels, total, first = 1, None, 0.0, None
-    convs = [layer for layer in network.layers if isinstance(layer, Conv)]
-    for layer in network.layers:
-        if isinstance(layer, Conv):
-            features = network.out_dim if layer is convs[-1] else layer.features
-            rows, cols = rows - layer.kernel + 1, cols - layer.kernel + 1
-            cin = channels or 3
-            flops = 2.0 * layer.kernel**2 * cin * features * rows * cols * stacked
-            first = flops if first is None else first
-            total += flops
-            channels = features
-        else:
-            rows, cols = (
-                (rows - layer.size + 1) // layer.size,
-                (cols - layer.size + 1) // layer.size,
-            )
-            stacked *= layer.size**2
-    return total, first
-
-
 def emit(record: dict) -> None:
     print(json.dumps(record), flush=True)

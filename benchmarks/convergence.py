@@ -39,6 +39,7 @@ from ml_collections import config_flags  # noqa: E402
 
 import ustad  # noqa: E402,F401  (fast CPU flags before JAX starts)
 from benchmarks.common import device_name  # noqa: E402
+from ustad.evaluation.tables import convergence_table, plot_convergence  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("mvtec_dir", None, "folder holding <category>/train/good, test/, ground_truth/")
@@ -72,35 +73,6 @@ def _load_avg() -> float:
         return -1.0
 
 
-def _evaluate(module, state, config, val_images, data, sigma):
-    from ustad.evaluate import category_metrics
-    from ustad.probes import smooth_maps
-    from ustad.scoring import Detector, compute_normalization
-    from ustad.train.student_checkpoints import _scale_model, _score_params
-
-    normalization = compute_normalization(
-        module,
-        module,
-        _score_params(state),
-        val_images,
-        batch_size=config.eval_batch_size,
-        padding=config.padding,
-        member_strategy=config.get("member_strategy", "auto"),
-    )
-    scale = _scale_model(
-        module, state, normalization, data.test_images.shape[1:3], data.test_images.shape[-1],
-        config,
-    )  # fmt: skip
-    maps, _ = Detector([scale]).score(data.test_images)
-    out = {"raw": category_metrics(maps, data.test_masks, data.test_labels)}
-    if sigma:
-        smoothed = smooth_maps(maps, sigma)
-        out[f"smoothed_sigma{sigma:g}"] = category_metrics(
-            smoothed, data.test_masks, data.test_labels
-        )
-    return {k: {m: round(float(v), 4) for m, v in f.items()} for k, f in out.items()}
-
-
 def _settings(config) -> dict:
     names = (
         "patch_sizes", "teacher_workdir", "num_students", "epochs", "batch_size", "learning_rate",
@@ -114,7 +86,13 @@ def train_with_curve(config, data, *, eval_every, sigma, label, workdir, max_min
     """Train one scale on ``data`` (an :class:`ustad.data.mvtec.MVTecCategory`), yielding the
     curve's records (dicts) as they are measured."""
     from ustad.data.split import split_validation
-    from ustad.train.students import scale_epochs, train_students
+    from ustad.uninformed_students.checkpoints import score_params as score_params
+    from ustad.uninformed_students.train import scale_epochs, train_students
+    from ustad.uninformed_students.training_curve import (
+        scale_figures,
+        state_figures,
+        steps_per_epoch,
+    )
 
     records = []
     device = device_name()
@@ -140,10 +118,20 @@ def train_with_curve(config, data, *, eval_every, sigma, label, workdir, max_min
     def record(step, state_or_scale, module=None, final=False):
         train_s = time.perf_counter() - clock["start"] - clock["eval_s"]
         begin = time.perf_counter()
+        test = (data.test_images, data.test_masks, data.test_labels)
         if final:
-            figures = _evaluate_scale(state_or_scale, data, sigma)
+            figures = scale_figures(state_or_scale, *test, sigma)
         else:
-            figures = _evaluate(module, state_or_scale, config, val_images, data, sigma)
+            figures = state_figures(
+                module,
+                score_params(state_or_scale),
+                val_images,
+                *test,
+                padding=config.padding,
+                batch_size=config.eval_batch_size,
+                member_strategy=config.get("member_strategy", "auto"),
+                sigma=sigma,
+            )
         clock["eval_s"] += time.perf_counter() - begin
         line = dict(
             base,
@@ -162,11 +150,11 @@ def train_with_curve(config, data, *, eval_every, sigma, label, workdir, max_min
 
     import jax
 
-    from ustad.train.student_targets import _teacher_from_config
+    from ustad.uninformed_students.targets import teacher_from_config
 
     p = config.patch_sizes[0]
     key = jax.random.key(config.seed, impl=config.get("prng_impl", "threefry2x32"))
-    module, variables, source = _teacher_from_config(
+    module, variables, source = teacher_from_config(
         config, p, data.train_images.shape[-1], jax.random.fold_in(key, 2)
     )
     base["teacher"] = source
@@ -186,147 +174,28 @@ def train_with_curve(config, data, *, eval_every, sigma, label, workdir, max_min
         )
     except _Stop:
         return records
-    total = scale_epochs(config, p) * _steps_per_epoch(config, len(train_idx), data)
+    per_epoch = steps_per_epoch(
+        len(train_idx), data.train_images.shape[1:3], config.crop_size, config.batch_size
+    )
+    total = scale_epochs(config, p) * per_epoch
     record(total, scale, final=True)
     return records
-
-
-def _steps_per_epoch(config, num_train, data) -> int:
-    from ustad.data.pipeline import num_batches
-    from ustad.train.student_crops import crop_steps_per_epoch
-
-    if config.crop_size:
-        return crop_steps_per_epoch(
-            num_train, tuple(data.train_images.shape[1:3]), config.crop_size, config.batch_size
-        )
-    return num_batches(num_train, config.batch_size)
-
-
-def _evaluate_scale(scale, data, sigma):
-    from ustad.evaluate import category_metrics
-    from ustad.probes import smooth_maps
-    from ustad.scoring import Detector
-
-    maps, _ = Detector([scale]).score(data.test_images)
-    out = {"raw": category_metrics(maps, data.test_masks, data.test_labels)}
-    if sigma:
-        out[f"smoothed_sigma{sigma:g}"] = category_metrics(
-            smooth_maps(maps, sigma), data.test_masks, data.test_labels
-        )
-    return {k: {m: round(float(v), 4) for m, v in f.items()} for k, f in out.items()}
-
-
-def read_runs(path, labels=()) -> dict[str, list[dict]]:
-    """The convergence lines of a JSON-lines file by label, each sorted by step."""
-    runs: dict[str, list[dict]] = {}
-    with open(path) as f:
-        for line in f:
-            if line.strip():
-                rec = json.loads(line)
-                if rec.get("benchmark") == "convergence" and (not labels or rec["label"] in labels):
-                    runs.setdefault(rec["label"], []).append(rec)
-    if not runs:
-        which = f" for {labels}" if labels else ""
-        raise SystemExit(f"{path} holds no convergence lines{which}")
-    return {k: sorted(v, key=lambda r: r["step"]) for k, v in runs.items()}
-
-
-def _recipe(settings: dict) -> str:
-    if settings.get("crop_size"):
-        data = f"crops {settings['crop_size']}² × {settings['batch_size']}"
-    else:
-        data = f"whole images × {settings['batch_size']}"
-    rate = f"lr {settings['learning_rate']:g} {settings.get('lr_schedule') or 'constant'}"
-    if settings.get("warmup_steps"):
-        rate += f" (warm-up {settings['warmup_steps']})"
-    return f"{data}, {rate}"
-
-
-def table(path, labels=(), minutes=(3, 6, 10)) -> str:
-    """One row per run: its recipe, AU-PRO (raw maps) at the given training minutes (the last
-    evaluation before each), and the last point's figures, raw and smoothed."""
-    runs = read_runs(path, labels)
-    head = (
-        "| run | teacher | size | recipe | "
-        + " | ".join(f"AU-PRO @{m:g} min" for m in minutes)
-        + " | last: steps | epochs | min | AU-PRO | AU-PRO σ4 | pixel AUROC | image AUROC | load |"
-    )
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for label, recs in runs.items():
-        last = recs[-1]
-        at = []
-        for m in minutes:
-            before = [r for r in recs if r["train_s"] <= 60 * m]
-            reached = last["train_s"] >= 60 * m  # a shorter run has no figure at m minutes
-            at.append(
-                f"{before[-1]['figures']['raw']['au_pro']:.3f}" if before and reached else "–"
-            )
-        smoothed = next((v for k, v in last["figures"].items() if k.startswith("smoothed")), None)
-        teacher = os.path.basename(str(last.get("teacher", ""))).replace(".teacher.npz", "")
-        loads = [r["load_avg"] for r in recs if r.get("load_avg", -1) >= 0]
-        lines.append(
-            f"| {label} | {teacher} | {last['image_size'][0]}² | {_recipe(last['settings'])} | "
-            + " | ".join(at)
-            + f" | {last['step']} | {last['epochs_seen']:g} | {last['train_s'] / 60:.1f} | "
-            f"{last['figures']['raw']['au_pro']:.3f} | "
-            f"{smoothed['au_pro'] if smoothed else float('nan'):.3f} | "
-            f"{last['figures']['raw']['pixel_auroc']:.3f} | "
-            f"{last['figures']['raw']['image_auroc']:.3f} | "
-            f"{min(loads):.1f}–{max(loads):.1f} |"
-        )
-    return "\n".join(lines)
-
-
-def plot(path, png, labels=()):
-    """AU-PRO of the raw and the smoothed maps against updates and minutes, one line per
-    label."""
-    from matplotlib.figure import Figure
-
-    from ustad.io import atomic_write
-
-    runs = read_runs(path, labels)
-    figure = Figure(figsize=(12, 8))
-    axes = figure.subplots(2, 2)
-    for label, recs in sorted(runs.items()):
-        recs = sorted(recs, key=lambda r: r["step"])
-        key = next(k for k in recs[-1]["figures"] if k.startswith("smoothed")) if any(
-            k.startswith("smoothed") for k in recs[-1]["figures"]) else "raw"  # fmt: skip
-        steps = [r["step"] for r in recs]
-        minutes = [r["train_s"] / 60 for r in recs]
-        for col, x in enumerate((steps, minutes)):
-            axes[0, col].plot(x, [r["figures"]["raw"]["au_pro"] for r in recs], "o-", label=label)
-            axes[1, col].plot(
-                x, [r["figures"][key]["au_pro"] for r in recs], "o-", label=f"{label} ({key})"
-            )
-    for col, name in enumerate(("student updates (steps)", "training minutes")):
-        axes[0, col].set_title(f"AU-PRO@0.3 (raw maps) vs {name}")
-        axes[1, col].set_title(f"AU-PRO@0.3 (smoothed maps) vs {name}")
-        for row in range(2):
-            axes[row, col].set_xlabel(name)
-            axes[row, col].grid(alpha=0.3)
-    axes[0, 0].legend(fontsize=7)
-    axes[1, 0].legend(fontsize=7)
-    figure.tight_layout()
-    png = png or os.path.splitext(path)[0] + ".png"
-    buffer = __import__("io").BytesIO()
-    figure.savefig(buffer, format="png", dpi=90)
-    atomic_write(png, buffer.getvalue())
-    print(png)
 
 
 def main(argv):
     del argv
     absl_logging.set_verbosity(absl_logging.WARNING)
     if FLAGS.plot:
-        plot(FLAGS.plot, FLAGS.png, FLAGS.labels)
+        print(plot_convergence(FLAGS.plot, FLAGS.png, FLAGS.labels))
         return
     if FLAGS.table:
-        print(table(FLAGS.table, FLAGS.labels, [float(m) for m in FLAGS.minutes]))
+        minutes = [float(m) for m in FLAGS.minutes]
+        print(convergence_table(FLAGS.table, FLAGS.labels, minutes))
         return
     if not FLAGS.mvtec_dir:
         raise app.UsageError("--mvtec_dir is required (or --plot)")
-    from ustad.data import load_mvtec_category
-    from ustad.train.student_inputs import size_multiple
+    from ustad.data.mvtec import load_mvtec_category
+    from ustad.uninformed_students.inputs import size_multiple
 
     config = FLAGS.config
     if len(config.patch_sizes) != 1:

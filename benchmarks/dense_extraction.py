@@ -18,8 +18,8 @@ from absl import app, flags
 
 import ustad  # noqa: F401  (sets the fast CPU flag before JAX starts, unless USTAD_FAST_CPU=0)
 from benchmarks.common import compiled_stats, device_name, emit, time_fn  # noqa: E402
-from ustad.dense import _dense, check_dense_inputs  # noqa: E402
-from ustad.models.patch_net import patch_net  # noqa: E402
+from ustad.uninformed_students.dense import _dense, check_dense_inputs  # noqa: E402
+from ustad.uninformed_students.nets import patch_net  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("patch_sizes", ["17", "33", "65"], "receptive fields p")

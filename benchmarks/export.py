@@ -6,10 +6,10 @@ runtime's (> 1: faster than the Detector) and the largest |map − Detector's ma
 Weights are random (speed does not depend on them); the networks are the paper's full-width
 ones at 256², M = 3.
 
-* ``detector``: :meth:`ustad.scoring.Detector.score` (``batch_size`` = the batch, or
-  ``--detector_batch``; one warm-up call on one chunk compiles it).
-* ``jax_jit``: the exported scorer (:func:`ustad.deploy_graph.make_scorer`) under ``jax.jit``,
-  compiled ahead of time.
+* ``detector``: :meth:`ustad.uninformed_students.score.Detector.score` (``batch_size`` = the batch,
+  or ``--detector_batch``; one warm-up call on one chunk compiles it).
+* ``jax_jit``: the exported scorer (:func:`ustad.uninformed_students.export_graph.make_scorer`)
+  under ``jax.jit``, compiled ahead of time.
 * ``jax_exported``: the ``.jaxexport`` file through :func:`ustad.deploy.load` (deserialized,
   compiled ahead of time).
 * ``onnxruntime_cpu``: the ``.onnx`` file through :func:`ustad.deploy.load` (ONNX Runtime's CPU
@@ -34,9 +34,11 @@ from absl import app, flags
 
 from benchmarks.common import device_name, emit
 from ustad import deploy
-from ustad.deploy_graph import make_scorer, scale_weights
-from ustad.models.patch_net import patch_net
-from ustad.scoring import Detector, ScaleModel, ScoreNormalization
+from ustad.ensemble import ScoreNormalization
+from ustad.uninformed_students.checkpoints import ScaleModel
+from ustad.uninformed_students.export_graph import make_scorer, scale_weights
+from ustad.uninformed_students.nets import patch_net
+from ustad.uninformed_students.score import Detector
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("patch_sizes", ["65"], "the single scale(s) to time, each on its own")

@@ -12,16 +12,19 @@ included), stated in the output. In order:
 2. **Step probe.** Per p, a few jitted training steps of the M students (cached targets) with
    the teacher's own architecture, and the same with the paper's full-width network (random
    weights: the time does not depend on them): step time, compile time and achieved TFLOP/s
-   (convolution FLOPs counted analytically, ``benchmarks.common.dense_conv_flops``).
-3. **Plan.** The epochs E ≤ 100 that fit: (budget − time so far − the estimated scoring and
-   evaluation reserve − per-scale overheads) ÷ Σ_p (steps per epoch × step time). After each
+   (convolution FLOPs counted analytically, ``ustad.uninformed_students.flops``).
+3. **Plan** (``ustad.uninformed_students.budget``). The epochs E ≤ 100 that fit: (budget − time
+   so far − the estimated scoring and evaluation reserve − per-scale overheads) ÷ Σ_p (steps per
+   epoch × step time). After each
    scale the plan is redone from the measured time, so later scales may get fewer epochs (each
    line says how many it got).
-4. **Training** with ``ustad.train.students.train_students`` (the library's own trainer), one
+4. **Training** with ``ustad.uninformed_students.train.train_students`` (the library's own
+   trainer), one
    scale after another into ``<out>/students/p<p>``; a finished scale is reused if the script
    runs again with the same settings.
 5. **Quality**: AU-PRO@0.3, pixel and image AUROC (max of the map) on the 83 test images for each
-   scale and the multi-scale average (``ustad.experiment.score_sets``, ``ustad.evaluate``).
+   scale and the multi-scale average (``ustad.uninformed_students.score.score_sets``,
+   ``ustad.evaluation.reports``).
 6. **Scoring speed**: ``Detector.score`` img/s for each scale and multi-scale at batch 1 and 16
    (after a warm-up, median of repeats, host transfer included) and achieved TFLOP/s.
 
@@ -102,46 +105,16 @@ def default_mvtec_dir() -> str:
     return ""
 
 
-def choose_teachers(patch_sizes, spec: str) -> dict[int, str]:
-    """``{p: teacher name}`` from the ``--teachers`` setting and what ustad ships."""
-    from ustad.train.teacher_files import list_teachers
-
-    names = {t["name"] for t in list_teachers() if "error" not in t}
-    chosen = {}
-    overrides = {}
-    if spec not in ("auto", "small"):
-        for item in spec.split(","):
-            p, _, name = item.partition("=")
-            overrides[int(p)] = name
-    for p in patch_sizes:
-        if p in overrides:
-            chosen[p] = overrides[p]
-        elif spec == "auto" and f"p{p}" in names:
-            chosen[p] = f"p{p}"
-        elif f"p{p}_small" in names:
-            chosen[p] = f"p{p}_small"
-        else:
-            raise FileNotFoundError(f"no teacher for p={p} (ustad teachers lists: {sorted(names)})")
-    return chosen
-
-
-def step_flops(network, size: int, num_students: int) -> tuple[float, float]:
-    """(training step FLOPs of M students on one image, dense forward FLOPs of one network)."""
-    from benchmarks.common import dense_conv_flops
-
-    forward, first = dense_conv_flops(network, size, size)
-    # Backward: data and weight gradients for every conv but the first (no data gradient).
-    return num_students * (3 * forward - first), forward
-
-
 def probe_step(network, size: int, num_students: int, dtype, steps: int, key) -> dict:
     """Compile time, median step time and FLOPs of one M-student step on one image."""
     import jax
     import jax.numpy as jnp
 
-    from ustad.dense import dense_apply
-    from ustad.score_maps import resolve_member_strategy
-    from ustad.train.students import init_students, make_optimizer, make_train_step
+    from ustad.ensemble import resolve_member_strategy
+    from ustad.uninformed_students.budget import StepTiming
+    from ustad.uninformed_students.dense import dense_apply
+    from ustad.uninformed_students.flops import dense_conv_flops, train_step_flops
+    from ustad.uninformed_students.steps import init_students, make_optimizer, make_train_step
 
     channels = 3
     sample = jnp.zeros((1, network.patch_size, network.patch_size, channels))
@@ -171,7 +144,8 @@ def probe_step(network, size: int, num_students: int, dtype, steps: int, key) ->
         state, losses = step(state, images, targets)
         jax.block_until_ready(losses)
         times.append(time.perf_counter() - t0)
-    flops, forward = step_flops(network, size, num_students)
+    flops = train_step_flops(network, size, size, num_students)
+    forward = dense_conv_flops(network, size, size)[0]
     step_s = statistics.median(times)
     return {
         "step_ms": round(step_s * 1e3, 2),
@@ -181,9 +155,11 @@ def probe_step(network, size: int, num_students: int, dtype, steps: int, key) ->
         "teacher_ms_per_image": round(statistics.median(teacher_times) * 1e3, 2),
         "forward_gflop_per_image": round(forward / 1e9, 2),
         "member_strategy": strategy,
-        "_step_s": step_s,
-        "_compile_s": compile_s + teacher_compile_s,
-        "_teacher_s": statistics.median(teacher_times),
+        "_timing": StepTiming(
+            step_s=step_s,
+            compile_s=compile_s + teacher_compile_s,
+            teacher_s=statistics.median(teacher_times),
+        ),
     }
 
 
@@ -214,12 +190,6 @@ def train_log_img_per_s(workdir) -> float | None:
         rates = [json.loads(line).get("img_per_s") for line in f if line.strip()]
     rates = [r for r in rates if r]
     return round(statistics.median(rates[1:] or rates), 2) if rates else None
-
-
-def plan_epochs(remaining_s: float, per_epoch_s: float, max_epochs: int) -> int:
-    if per_epoch_s <= 0:
-        return max_epochs
-    return int(max(1, min(max_epochs, remaining_s // per_epoch_s)))
 
 
 def time_scoring(detector, images, batch: int, repeats: int) -> float:
@@ -274,14 +244,20 @@ def main(argv):
     import numpy as np
 
     from benchmarks.common import device_name
-    from ustad import metrics
-    from ustad.data import category_folder, load_mvtec_test, load_mvtec_train, split_validation
-    from ustad.experiment import score_sets
-    from ustad.models.patch_net import patch_net
-    from ustad.scoring import Detector
-    from ustad.train.student_inputs import size_multiple
-    from ustad.train.students import train_students
-    from ustad.train.teacher_files import load_teacher
+    from ustad.data.mvtec import category_folder, load_mvtec_test, load_mvtec_train
+    from ustad.data.split import split_validation
+    from ustad.evaluation import metrics
+    from ustad.uninformed_students.budget import (
+        epochs_that_fit,
+        scale_overhead_s,
+        scoring_reserve_s,
+    )
+    from ustad.uninformed_students.flops import scoring_flops
+    from ustad.uninformed_students.inputs import size_multiple
+    from ustad.uninformed_students.nets import patch_net
+    from ustad.uninformed_students.score import Detector, score_sets
+    from ustad.uninformed_students.teacher.catalog import choose_teachers, load_teacher
+    from ustad.uninformed_students.train import train_students
 
     tiny = FLAGS.tiny
     size = 40 if tiny else FLAGS.image_size  # 40: p = 65 reflect-pads by up to 34
@@ -302,7 +278,7 @@ def main(argv):
                 f"no {FLAGS.category} folder under {mvtec_dir!r}: pass --mvtec_dir (on the GPU "
                 f"machine: carry .gpu_data, see benchmarks/gpu_paper.sh --prepare)"
             )
-        from ustad.data import make_synthetic_category
+        from ustad.data.synthetic import make_synthetic_category
 
         mvtec_dir = os.path.join(out, "data")
         make_synthetic_category(
@@ -391,23 +367,22 @@ def main(argv):
                 **{k: v for k, v in probe.items() if not k.startswith("_")},
             )
 
-    # 3. Plan: per-scale overhead ≈ compile + teacher passes (statistics, cached targets, val).
+    # 3. Plan.
     steps_per_epoch = len(split_validation(len(train), 0.1, 0)[0])  # the trainer's split
-    overhead = {
-        p: 1.5 * pr["_compile_s"] + 3 * len(train) * pr["_teacher_s"] + 5.0
-        for p, pr in probes.items()
-    }
-    per_image = sum((1 + FLAGS.num_students) * pr["_teacher_s"] for pr in probes.values())
-    sets = len(patch_sizes) + (len(patch_sizes) > 1)
-    reserve = (
-        2 * per_image * len(test_images)  # the per-scale sets and the multi-scale set
-        + sets * len(FLAGS.score_batches) * (max(pr["_compile_s"] for pr in probes.values()))
-        + repeats * per_image * 2 * sum(int(b) for b in FLAGS.score_batches)
-        + 15.0  # metrics on the host, figures, margin
+    timings = {p: probe["_timing"] for p, probe in probes.items()}
+    overhead = {p: scale_overhead_s(t, len(train)) for p, t in timings.items()}
+    reserve = scoring_reserve_s(
+        list(timings.values()),
+        num_students=FLAGS.num_students,
+        num_test=len(test_images),
+        score_batches=[int(b) for b in FLAGS.score_batches],
+        repeats=repeats,
     )
-    per_epoch = sum(steps_per_epoch * pr["_step_s"] for pr in probes.values())
-    remaining = FLAGS.budget_s - elapsed() - reserve - sum(overhead.values())
-    epochs = plan_epochs(remaining, per_epoch, max_epochs)
+    per_epoch = sum(steps_per_epoch * t.step_s for t in timings.values())
+    fit = {"steps_per_epoch": steps_per_epoch, "reserve_s": reserve, "num_train": len(train)}
+    epochs = epochs_that_fit(
+        FLAGS.budget_s - elapsed(), list(timings.values()), **fit, max_epochs=max_epochs
+    )
     emit(
         "plan",
         epochs=epochs,
@@ -427,10 +402,9 @@ def main(argv):
     }
     scales, trained_epochs = [], {}
     for i, p in enumerate(patch_sizes):
-        rest = patch_sizes[i:]
-        remaining = FLAGS.budget_s - elapsed() - reserve - sum(overhead[q] for q in rest)
-        per_epoch_rest = sum(steps_per_epoch * probes[q]["_step_s"] for q in rest)
-        scale_epochs = min(epochs, plan_epochs(remaining, per_epoch_rest, max_epochs))
+        rest = [timings[q] for q in patch_sizes[i:]]
+        left = FLAGS.budget_s - elapsed()
+        scale_epochs = min(epochs, epochs_that_fit(left, rest, **fit, max_epochs=max_epochs))
         # Named by the epochs: the trainer refuses to resume a run with other settings.
         workdir = os.path.join(out, "students", f"p{p}_e{scale_epochs}")
         t0 = time.perf_counter()
@@ -473,7 +447,7 @@ def main(argv):
 
     # 6. Scoring speed.
     score_flops = {
-        s.patch_size: (1 + s.num_students) * step_flops(s.network, size, 1)[1] for s in scales
+        s.patch_size: scoring_flops(s.network, size, size, s.num_students) for s in scales
     }
     speed_sets = [([s], f"p{s.patch_size}") for s in scales]
     if len(scales) > 1:

@@ -2,7 +2,8 @@
 
 Masks are random ellipses covering a few % of ~70% of the images (like MVTec AD test sets);
 maps are smoothed noise with a raised, blurred bump over each defect. Prints one JSON line: the
-device, sizes, median seconds of `ustad.metrics.au_pro` and `pixel_auroc`, and, measured in the
+device, sizes, median seconds of `ustad.evaluation.metrics.au_pro` and `pixel_auroc`, and, measured
+in the
 same run, the time of the official MVTec algorithm (argsort of all pixels, then cumulative sums)
 and of scikit-learn's `roc_auc_score`, with the largest difference to ustad's values.
 
@@ -19,7 +20,7 @@ from absl import app, flags
 from scipy import ndimage
 
 from benchmarks.common import device_name, emit, time_fn
-from ustad import metrics
+from ustad.evaluation import metrics
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("num_images", 150, "test maps")

@@ -42,12 +42,14 @@ def main(argv):
     import ml_collections
     import numpy as np
 
-    from ustad.data import load_one_class_dataset, one_class_split, subsample_test_set
-    from ustad.evaluate import write_one_class_table
-    from ustad.metrics import image_auroc
-    from ustad.scoring import REDUCTIONS, Detector, convert_channels, reduce_maps
-    from ustad.train import students as students_lib
-    from ustad.train import teacher as teacher_lib
+    from ustad.data.one_class import load_one_class_dataset, one_class_split, subsample_test_set
+    from ustad.detector import REDUCTIONS, reduce_maps
+    from ustad.evaluation.metrics import image_auroc
+    from ustad.evaluation.reports import write_one_class_table
+    from ustad.host_images import convert_channels
+    from ustad.uninformed_students import train as students_lib
+    from ustad.uninformed_students.score import Detector
+    from ustad.uninformed_students.teacher import train as teacher_lib
 
     config = FLAGS.config
     device = device_name()

@@ -21,9 +21,11 @@ import numpy as np
 from absl import app, flags
 
 from benchmarks.common import device_name, emit, time_fn
-from ustad.models.patch_net import patch_net
-from ustad.scoring import Detector, ScaleModel, ScoreNormalization
-from ustad.train.students import init_students, make_optimizer
+from ustad.ensemble import ScoreNormalization
+from ustad.uninformed_students.checkpoints import ScaleModel
+from ustad.uninformed_students.nets import patch_net
+from ustad.uninformed_students.score import Detector
+from ustad.uninformed_students.steps import init_students, make_optimizer
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("patch_sizes", ["17", "33", "65"], "single scales to time")

@@ -2,9 +2,10 @@
 
 Scores the test set once with the given trained students (each scale and, with several, their
 multi-scale average; no options), then for every σ smooths those maps exactly as
-``Detector(smooth_sigma=σ)`` does (:func:`ustad.scoring.smooth_maps` on the final map; the
+``Detector(smooth_sigma=σ)`` does (:func:`ustad.detector.smooth_maps` on the final map; the
 equality is tested in tests/test_scoring_options.py) and evaluates AU-PRO@0.3 and pixel AUROC
-(:mod:`ustad.metrics`), and for every image score (:func:`ustad.evaluate.image_scores_from_maps`:
+(:mod:`ustad.evaluation.metrics`), and for every image score
+(:func:`ustad.evaluation.reports.image_scores_from_maps`:
 the max, or the mean of the k highest pixels) the image AUROC. One JSON line per
 (score set, σ, image score), appended to ``--out``; then the Markdown table of the lines written.
 
@@ -59,9 +60,9 @@ def evaluate_options(maps, masks, labels, sigmas, top_ks, fpr_limit=0.3) -> list
         ``[{"sigma", "image_score", "top_k", "au_pro", "pixel_auroc", "image_auroc",
         "metrics_s"}]``.
     """
-    from ustad import metrics
-    from ustad.evaluate import image_scores_from_maps
-    from ustad.scoring import smooth_maps
+    from ustad.detector import smooth_maps
+    from ustad.evaluation import metrics
+    from ustad.evaluation.reports import image_scores_from_maps
 
     rows = []
     for sigma in sigmas:
@@ -115,9 +116,9 @@ def main(argv):
     if not FLAGS.workdirs:
         raise app.UsageError("--workdirs is required (or --table)")
     from benchmarks.common import device_name
-    from ustad.data import category_folder, load_mvtec_test
-    from ustad.experiment import score_sets
-    from ustad.scoring import find_scale_dirs, load_scale
+    from ustad.data.mvtec import category_folder, load_mvtec_test
+    from ustad.uninformed_students.checkpoints import find_scale_dirs, load_scale
+    from ustad.uninformed_students.score import score_sets
 
     sigmas = [float(s) for s in FLAGS.sigmas]
     scales = [load_scale(d) for w in FLAGS.workdirs for d in find_scale_dirs(w)]

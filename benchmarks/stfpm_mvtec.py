@@ -4,13 +4,14 @@
         --category bottle --config configs/stfpm.py:cpu --workdir runs/stfpm_bottle_cpu \\
         >> benchmarks/results/stfpm_cpu.jsonl
 
-Scores every test image once and derives from the per-level maps the paper's product, the
+Scores every test image once and derives from the per-level maps
+(:func:`ustad.stfpm.combinations.combination_maps`) the paper's product, the
 sum (the mean ranks identically), and for M > 1 students the normalised error + variance
 (mean over levels) and each student alone (its own product), so one trained model answers
 "product or sum" and "ensemble or single student". Each set gets image AUROC (image score =
 the map's max), pixel AUROC and the official AU-PRO@0.3 at the evaluation size. Speed: training
 minutes (the trainer's own clock, compilation included), and scoring img/s of
-:class:`ustad.stfpm_scoring.STFPMDetector` (resize, teacher + students, map, host transfer)
+:class:`ustad.stfpm.score.STFPMDetector` (resize, teacher + students, map, host transfer)
 over the whole test set at batch 8 and at batch 1, after a warm-up call, with the device named.
 """
 
@@ -24,16 +25,13 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 import ustad  # noqa: E402,F401  (fast CPU flags before JAX starts)
 from benchmarks.common import device_name, emit  # noqa: E402
-from ustad import stfpm  # noqa: E402
-from ustad.evaluate import evaluate_score_sets  # noqa: E402
+from ustad.evaluation.reports import evaluate_score_sets  # noqa: E402
+from ustad.stfpm.combinations import combination_maps  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("data_dir", None, "MVTec AD root (holding <category>/train/good, ...)")
@@ -44,47 +42,8 @@ config_flags.DEFINE_config_file("config", "configs/stfpm.py:cpu", "STFPM config"
 flags.mark_flags_as_required(["data_dir", "workdir"])
 
 
-def _level_maps(model, images, batch_size):
-    """Per level, e and v upsampled to the training size: ``[L, N, H, W]`` each."""
-    from ustad.stfpm_scoring import level_scores
-
-    @jax.jit
-    def fn(params, x):
-        errors, variances = level_scores(model.network, params, x, "vmap")
-        size = model.image_size
-        return (
-            jnp.stack([stfpm.upsample(e, size) for e in errors]),
-            jnp.stack([stfpm.upsample(v, size) for v in variances]),
-        )
-
-    errors, variances = [], []
-    for start in range(0, len(images), batch_size):
-        e, v = fn(model.params, jnp.asarray(images[start : start + batch_size]))
-        errors.append(np.asarray(e))
-        variances.append(np.asarray(v))
-    return np.concatenate(errors, axis=1), np.concatenate(variances, axis=1)
-
-
-def _score_sets(model, images, batch_size) -> dict[str, np.ndarray]:
-    errors, variances = _level_maps(model, images, batch_size)
-    sets = {"product": np.prod(errors, axis=0), "sum": np.sum(errors, axis=0)}
-    m = model.num_students
-    if m > 1:
-        norm = model.normalization
-        z = (errors - norm[:, 0, None, None, None]) / norm[:, 1, None, None, None]
-        z += (variances - norm[:, 2, None, None, None]) / norm[:, 3, None, None, None]
-        sets["error_variance_mean"] = z.mean(axis=0)
-        for i in range(m):
-            single = jax.tree.map(lambda x, i=i: x[i : i + 1], model.params["students"])
-            alone = type(model)(
-                model.network, dict(model.params, students=single), model.image_size
-            )
-            sets[f"student{i}_product"] = np.prod(_level_maps(alone, images, batch_size)[0], 0)
-    return sets
-
-
 def _throughput(model, images, batch_size) -> float:
-    from ustad.stfpm_scoring import STFPMDetector
+    from ustad.stfpm.score import STFPMDetector
 
     detector = STFPMDetector([model], batch_size=batch_size)
     detector.score(images[:batch_size])  # compile
@@ -103,8 +62,8 @@ def _throughput(model, images, batch_size) -> float:
 def main(argv):
     del argv
     from ustad.checkpointing import Checkpointer
-    from ustad.data import category_folder, load_mvtec_test
-    from ustad.train.stfpm import train_and_evaluate
+    from ustad.data.mvtec import category_folder, load_mvtec_test
+    from ustad.stfpm.train import train_and_evaluate
 
     config = FLAGS.config
     config.data_dir, config.category = FLAGS.data_dir, FLAGS.category
@@ -116,7 +75,7 @@ def main(argv):
     test = load_mvtec_test(
         category_folder(FLAGS.data_dir, FLAGS.category), image_size=config.image_size
     )
-    sets = _score_sets(model, test.images, FLAGS.eval_batch_size)
+    sets = combination_maps(model, test.images, FLAGS.eval_batch_size)
     metrics = evaluate_score_sets(sets, test.masks, test.labels)
     emit(
         {

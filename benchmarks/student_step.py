@@ -28,11 +28,17 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from benchmarks.common import compiled_stats, dense_conv_flops, device_name, emit, time_fn
-from ustad.dense import dense_apply
+from benchmarks.common import compiled_stats, device_name, emit, time_fn
 from ustad.ensemble import member
-from ustad.models.patch_net import patch_net
-from ustad.train.students import init_students, make_optimizer, make_train_step, student_step
+from ustad.uninformed_students.dense import dense_apply
+from ustad.uninformed_students.flops import train_step_flops
+from ustad.uninformed_students.nets import patch_net
+from ustad.uninformed_students.steps import (
+    init_students,
+    make_optimizer,
+    make_train_step,
+    student_step,
+)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("patch_sizes", ["65"], "receptive fields p")
@@ -122,9 +128,7 @@ def main(argv):
                 teacher_fn, teacher_vars, images, repeats=FLAGS.repeats, budget_s=FLAGS.budget_s
             )
             targets = teacher_fn(teacher_vars, images)  # cached targets (normalisation omitted)
-            forward, first = dense_conv_flops(teacher, size, size)
-            # Backward: data and weight gradients for every conv but the first (no data grad).
-            step_flops = num_students * batch * (3 * forward - first)
+            step_flops = train_step_flops(teacher, size, size, num_students, batch)
             for dtype in FLAGS.dtypes:
                 student = teacher.clone(dtype=jnp.dtype(dtype))
                 init_key = jax.random.fold_in(key, 1)

@@ -1,4 +1,5 @@
-"""Teacher probes: how good a teacher is for anomaly detection (see :mod:`ustad.probes`).
+"""Teacher probes: how good a teacher is for anomaly detection (see
+:mod:`ustad.uninformed_students.probes`).
 
 One JSON line per (teacher, dataset): the teacher (source, p, widths, d, steps), and per probe its
 figures, settings and seconds:
@@ -41,7 +42,8 @@ from absl import app, flags, logging
 
 import ustad  # noqa: F401  (sets the fast CPU flag before JAX starts)
 from benchmarks.common import device_name, emit
-from ustad import probes
+from ustad.uninformed_students import probes
+from ustad.uninformed_students.teacher import distillation
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("teachers", None, "workdirs, .teacher.npz files, names or random:<p>:<w>:<d>")
@@ -76,8 +78,9 @@ flags.DEFINE_string("out", None, "also append the lines to this .jsonl file")
 
 def _datasets(channels: int):
     """``(name, MVTecCategory, settings)`` of every requested dataset."""
-    from ustad.data import load_mvtec_category, make_synthetic_category
-    from ustad.train import patches
+    from ustad.data.mvtec import load_mvtec_category
+    from ustad.data.synthetic import make_synthetic_category
+    from ustad.uninformed_students.teacher import sources
 
     grayscale = channels == 1
     size = FLAGS.image_size
@@ -102,7 +105,7 @@ def _datasets(channels: int):
         data = load_mvtec_category(root, category, image_size=size, grayscale=grayscale)
         # The bundled fallback corpus includes some of these textures: a teacher trained on it
         # has seen the synthetic category's source (not its defects).
-        seen = texture in patches.NATURAL_PHOTOS
+        seen = texture in sources.NATURAL_PHOTOS
         info = dict(arguments, root=str(root / category), in_bundled_photos=seen)
         yield f"synthetic:{texture}@{size}", data, info
 
@@ -123,15 +126,12 @@ def _students_config(image_size: int):
 
 
 def _photos():
-    from ustad.train import patches
+    from ustad.uninformed_students.teacher import sources
 
     if FLAGS.photos_dir:
-        if hasattr(patches, "photo_folder"):
-            return patches.photo_folder(FLAGS.photos_dir, split="holdout"), (
-                f"{FLAGS.photos_dir} (holdout split)"
-            )
-        return patches.image_files(FLAGS.photos_dir), f"{FLAGS.photos_dir} (all: no split)"
-    return patches.natural_photos(), "bundled natural photos (fresh crops)"
+        photos = sources.photo_folder(FLAGS.photos_dir, split="holdout")
+        return photos, f"{FLAGS.photos_dir} (holdout split)"
+    return sources.natural_photos(), "bundled natural photos (fresh crops)"
 
 
 def main(argv):
@@ -160,7 +160,7 @@ def main(argv):
             name = description["backbone"] or FLAGS.backbone
             if name not in backbones:
                 backbones[name] = load_pretrained(name)
-            distill = probes.distill_probe(
+            distill = distillation.distill_probe(
                 teacher,
                 backbones[name],
                 photos[0],

@@ -36,7 +36,9 @@ from absl import app, flags
 import ustad  # noqa: F401  (sets the fast CPU flag before JAX starts)
 from benchmarks.common import device_name, emit  # noqa: E402
 from ustad.models.pretrained import load_pretrained  # noqa: E402
-from ustad.train import patches, teacher  # noqa: E402
+from ustad.uninformed_students.teacher import patches, sources
+from ustad.uninformed_students.teacher import train as teacher  # noqa: E402
+from ustad.uninformed_students.teacher.steps import backbone_inputs
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("patch_sizes", ["17", "33", "65"], "receptive fields p")
@@ -82,7 +84,7 @@ def _time_step(p: int, input_size: int, fast_apply: bool, backbone) -> dict:
         fast_apply=fast_apply,
     )
     holder = {"state": teacher.make_init(net, decoder, tx, 3)(jax.random.key(0))}
-    with patches.ContextSampler(patches.natural_photos(), p, jax.random.key(1)) as sampler:
+    with patches.ContextSampler(sources.natural_photos(), p, jax.random.key(1)) as sampler:
         contexts = jax.device_put(sampler.sample(0, FLAGS.batch))
     key = jax.random.key(2)
 
@@ -93,7 +95,7 @@ def _time_step(p: int, input_size: int, fast_apply: bool, backbone) -> dict:
         return metrics["loss"]
 
     def features(variables, crops):
-        return backbone.features_fn(variables, teacher._backbone_inputs(crops, 3, input_size))
+        return backbone.features_fn(variables, backbone_inputs(crops, 3, input_size))
 
     features_jit = jax.jit(features)
     # XLA's FLOP count of the lowered step (no second compilation).
@@ -137,9 +139,9 @@ def _short_run(p: int, input_size: int, fast_apply: bool, backbone) -> dict:
     tail = records[-5:]  # the last 50 steps
     distillation = float(np.mean([r["distillation"] for r in tail]))
     # Variance of P's features over fresh patches (steps the run did not see).
-    with patches.ContextSampler(patches.natural_photos(), p, jax.random.key(99)) as sampler:
+    with patches.ContextSampler(sources.natural_photos(), p, jax.random.key(99)) as sampler:
         crops = np.concatenate([sampler.sample(s, FLAGS.batch) for s in range(4)])
-    inputs = teacher._backbone_inputs(jax.numpy.asarray(crops), 3, input_size)
+    inputs = backbone_inputs(jax.numpy.asarray(crops), 3, input_size)
     targets = np.asarray(jax.jit(backbone.features_fn)(backbone.variables, inputs))
     target_variance = float(np.mean(np.sum((targets - targets.mean(0)) ** 2, axis=-1)))
     return {

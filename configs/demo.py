@@ -23,8 +23,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs import students as students_configs
-from configs import teacher as teacher_configs
+from ustad.uninformed_students.config import students_config, teacher_config
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
@@ -42,7 +41,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     # The shipped small teachers by name; empty: train the teachers below into <out>/teacher_p<p>.
     config.teacher_workdir = "p{p}_small"
 
-    teacher = teacher_configs.get_config("p33")
+    teacher = teacher_config("p33")
     teacher.widths = 0.125
     teacher.out_dim = 32
     teacher.batch_size = 32
@@ -51,7 +50,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     teacher.log_every_steps = 50
     config.teacher = teacher
 
-    students = students_configs.get_config("p33")
+    students = students_config("p33")
     students.num_students = 3
     students.epochs = 12
     students.batch_size = 2

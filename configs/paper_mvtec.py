@@ -24,8 +24,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs import students as students_configs
-from configs import teacher as teacher_configs
+from ustad.uninformed_students.config import students_config, teacher_config
 
 
 def get_config(arg: str = "paper") -> ml_collections.ConfigDict:
@@ -38,8 +37,8 @@ def get_config(arg: str = "paper") -> ml_collections.ConfigDict:
     config.synthetic = None
     config.patch_sizes = (17, 33, 65)
     config.teacher_workdir = ""
-    config.teacher = teacher_configs.get_config("p65")
-    students = students_configs.get_config("p65")
+    config.teacher = teacher_config("p65")
+    students = students_config("p65")
     students.num_students = 3
     students.epochs = 100
     students.batch_size = 1
@@ -55,7 +54,7 @@ def get_config(arg: str = "paper") -> ml_collections.ConfigDict:
         return config
     if arg == "cpu":
         # configs/students.py:cpu, the preset measured in benchmarks/convergence.py.
-        students = students_configs.get_config("cpu")
+        students = students_config("cpu")
         config.image_size = students.image_size
         config.patch_sizes = students.patch_sizes
         config.teacher_workdir = students.teacher_workdir
@@ -72,7 +71,7 @@ def get_config(arg: str = "paper") -> ml_collections.ConfigDict:
     if arg == "smoke":
         config.image_size = 32
         config.patch_sizes = (17, 33)
-        config.teacher = teacher_configs.get_config("smoke")
+        config.teacher = teacher_config("smoke")
         config.students.epochs = 1
         config.students.num_students = 2
         config.students.val_fraction = 0.25

@@ -26,8 +26,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs import students as students_configs
-from configs import teacher as teacher_configs
+from ustad.uninformed_students.config import students_config, teacher_config
 
 
 def get_config(arg: str = "paper") -> ml_collections.ConfigDict:
@@ -35,8 +34,8 @@ def get_config(arg: str = "paper") -> ml_collections.ConfigDict:
     config.schedule = arg
     config.patch_size = 33
     config.teacher_workdir = ""  # empty: train one into <out>/teacher_p33 (shared by all classes)
-    config.teacher = teacher_configs.get_config("p33")
-    students = students_configs.get_config("p33")
+    config.teacher = teacher_config("p33")
+    students = students_config("p33")
     students.num_students = 5
     students.epochs = 100
     students.batch_size = 1
@@ -85,7 +84,7 @@ def get_config(arg: str = "paper") -> ml_collections.ConfigDict:
         config.test_sampling = "balanced"
         return config
     if arg == "smoke":
-        config.teacher = teacher_configs.get_config("smoke")
+        config.teacher = teacher_config("smoke")
         config.teacher.patch_size = 33
         config.students.epochs = 1
         config.students.num_students = 2

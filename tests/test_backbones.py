@@ -1,5 +1,6 @@
 """Pretrained backbones: ResNet-18 against a NumPy reference, EfficientNet-Lite0 predictions."""
 
+import functools
 import hashlib
 
 import jax
@@ -356,3 +357,35 @@ def test_depthwise_conv_equals_lax_grouped_same_conv(size, kernel, strides):
         feature_group_count=6,
     )
     _close(np.asarray(jax.jit(conv.apply)(variables, x)), np.asarray(expected), tol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# The blocks' BatchNorm mode: frozen (running averages) by default, batch statistics with train.
+
+
+@pytest.mark.parametrize(
+    "block",
+    [resnet.BasicBlock(8, 2), efficientnet_lite.MBConv(3, 2, 2, 8)],
+    ids=["BasicBlock", "MBConv"],
+)
+def test_blocks_are_frozen_by_default_and_use_batch_statistics_with_train(block):
+    x = jnp.asarray(np.random.default_rng(6).normal(1.0, 2.0, size=(4, 6, 6, 4)), jnp.float32)
+    variables = jax.jit(block.init)(jax.random.key(0), x)
+    other_stats = jax.tree.map(lambda s: s + 0.5, variables["batch_stats"])
+
+    @functools.partial(jax.jit, static_argnames="train")
+    def run(batch_stats, train=None):
+        kwargs = {} if train is None else {"train": train}  # None: the block's default
+        out, updated = block.apply(
+            dict(variables, batch_stats=batch_stats), x, mutable=["batch_stats"], **kwargs
+        )
+        return out, updated["batch_stats"]
+
+    frozen, frozen_stats = run(variables["batch_stats"])
+    np.testing.assert_array_equal(run(variables["batch_stats"], train=False)[0], frozen)
+    assert jax.tree.all(jax.tree.map(np.array_equal, frozen_stats, variables["batch_stats"]))
+    assert not np.allclose(run(other_stats)[0], frozen)  # the running averages are used
+    trained, trained_stats = run(variables["batch_stats"], train=True)
+    # Batch statistics: the running averages do not matter, and get updated.
+    np.testing.assert_array_equal(run(other_stats, train=True)[0], trained)
+    assert not jax.tree.all(jax.tree.map(np.allclose, trained_stats, variables["batch_stats"]))

@@ -13,16 +13,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ustad import cli
 from ustad.checkpointing import Checkpointer
-from ustad.data import category_folder, load_mvtec_test, load_mvtec_train
+from ustad.cli import main as cli
 from ustad.data.images import write_png
+from ustad.data.mvtec import category_folder, load_mvtec_test, load_mvtec_train
 from ustad.data.synthetic import make_synthetic_category
+from ustad.ensemble import ScoreNormalization, check_normalization
+from ustad.host_images import as_unit_float
 from ustad.io import atomic_write
-from ustad.models.patch_net import patch_net
-from ustad.score_maps import ScoreNormalization, check_normalization
-from ustad.scoring import Detector, as_unit_float
-from ustad.train.students import train_and_evaluate, train_students
+from ustad.uninformed_students.nets import patch_net
+from ustad.uninformed_students.score import Detector
+from ustad.uninformed_students.train import train_and_evaluate, train_students
 
 P, SIZE, DIM, M = 17, 16, 8, 2
 KEY = functools.partial(jax.random.key, impl="rbg")
@@ -421,8 +422,8 @@ def test_sixteen_bit_rgba_palette_and_odd_sizes_are_read_right_and_scored_at_the
 
 
 def _teacher_file(path, teacher):
-    from ustad.models.patch_net import layers_to_json
-    from ustad.train.teacher_files import write_teacher_file
+    from ustad.uninformed_students.nets import layers_to_json
+    from ustad.uninformed_students.teacher.files import write_teacher_file
 
     module, variables = teacher
     meta = {

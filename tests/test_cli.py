@@ -1,5 +1,6 @@
 """The ``ustad`` command: help texts, flag errors, and train → score → evaluate on tiny data."""
 
+import ast
 import importlib.util
 import json
 import logging
@@ -9,12 +10,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import ml_collections
 import numpy as np
 import pytest
 
-from ustad import cli
-from ustad.commands import COMMANDS
+from ustad.cli import main as cli
+from ustad.cli.common import resolve_config_arg
+from ustad.cli.main import COMMANDS
 from ustad.data.synthetic import make_synthetic_category
+from ustad.evaluation.test_report import format_summary
 
 REPO = Path(__file__).parents[1]
 SIZE = 16
@@ -31,9 +35,14 @@ def test_overview_lists_every_command(capsys):
         assert f"  {name}" in out
 
 
-@pytest.mark.parametrize("name", sorted(COMMANDS))
+ALL_COMMANDS = sorted(
+    [name, *(f"{name} {sub}" for sub in command.subcommands)] for name, command in COMMANDS.items()
+)
+
+
+@pytest.mark.parametrize("name", sum(ALL_COMMANDS, []))
 def test_every_command_help_says_what_it_reads_writes_and_how_long(name, capsys):
-    assert run(name, "--help") == 0
+    assert run(*name.split(), "--help") == 0
     out = capsys.readouterr().out
     assert out.startswith(f"usage: ustad {name}")
     for word in ("Reads", "Write", "Time"):
@@ -70,7 +79,7 @@ def test_unknown_command_and_missing_flags_are_usage_errors(capsys):
 
 def test_config_paths_resolve_from_any_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    resolved = cli.resolve_config_arg("configs/students.py:smoke")
+    resolved = resolve_config_arg("configs/students.py:smoke")
     assert Path(resolved.split(":")[0]).is_file() and resolved.endswith(":smoke")
 
 
@@ -204,10 +213,8 @@ def test_orbax_info_lines_are_off_by_default(tmp_path, caplog):
 
 
 def test_teachers_lists_what_list_teachers_returns(monkeypatch, capsys):
-    from ustad.train import teacher_files
+    from ustad.uninformed_students.teacher import catalog
 
-    if not hasattr(teacher_files, "list_teachers"):
-        pytest.skip("ustad.train.teacher_files.list_teachers does not exist yet")
     fake = [
         {
             "name": "p33",
@@ -219,7 +226,7 @@ def test_teachers_lists_what_list_teachers_returns(monkeypatch, capsys):
             "origin": "installed",
         }
     ]
-    monkeypatch.setattr(teacher_files, "list_teachers", lambda: fake)
+    monkeypatch.setattr(catalog, "list_teachers", lambda: fake)
     assert run("teachers") == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["name", "p", "d", "widths", "size", "origin", "path"]
@@ -229,12 +236,10 @@ def test_teachers_lists_what_list_teachers_returns(monkeypatch, capsys):
 
 
 def test_teachers_runs_against_the_real_listing(tmp_path, monkeypatch, capsys):
-    from ustad.train import teacher_files
+    from ustad.uninformed_students.teacher import catalog
 
-    if not hasattr(teacher_files, "list_teachers"):
-        pytest.skip("ustad.train.teacher_files.list_teachers does not exist yet")
     monkeypatch.setenv("USTAD_TEACHERS", str(tmp_path))
-    (tmp_path / f"broken{teacher_files.SUFFIX}").write_bytes(b"not a teacher")
+    (tmp_path / f"broken{catalog.SUFFIX}").write_bytes(b"not a teacher")
     assert run("teachers") == 0
     table = capsys.readouterr().out
     assert "broken" in table and "installed" in table and "(unreadable:" in table
@@ -243,17 +248,119 @@ def test_teachers_runs_against_the_real_listing(tmp_path, monkeypatch, capsys):
     assert {"name": "broken", "origin": "installed"}.items() <= listed[0].items()
 
 
+def test_python_m_ustad_is_the_ustad_command(tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+    result = subprocess.run(
+        [sys.executable, "-m", "ustad", "--help"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: ustad <command>") and "  teachers" in result.stdout
+
+
+def test_teachers_subcommand_errors_are_usage_errors(tmp_path, capsys):
+    assert run("teachers", "instal") == 2
+    assert "unknown subcommand 'instal'" in capsys.readouterr().err
+    assert run("teachers", "export", f"--workdir={tmp_path}") == 2
+    assert "missing --out" in capsys.readouterr().err
+    assert run("teachers", "install", "--name=x") == 2
+    assert "missing --file" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def teacher_workdir(tmp_path_factory):
+    """A tiny finished teacher run (4 steps, random stand-in for P)."""
+    from test_teacher import _config, _train
+
+    workdir = tmp_path_factory.mktemp("teacher")
+    _train(workdir, _config(num_steps=4, checkpoint_every_steps=4))
+    return workdir
+
+
+def test_teachers_export_install_and_ship(teacher_workdir, tmp_path, monkeypatch, capsys):
+    from ustad.uninformed_students.teacher import catalog
+
+    monkeypatch.setenv("USTAD_TEACHERS", str(tmp_path / "installed"))
+    monkeypatch.setattr(catalog, "shipped_dir", lambda: tmp_path / "shipped")
+    out = tmp_path / "t.teacher.npz"
+    args = [f"--workdir={teacher_workdir}", f"--out={out}", "--dtype=float16", "--install=mine"]
+    assert run("teachers", "export", *args) == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["bytes"] == out.stat().st_size and len(record["sha256"]) == 64
+    assert record["installed"] == str(tmp_path / "installed" / f"mine{catalog.SUFFIX}")
+
+    assert run("teachers", "install", f"--file={out}", "--name=again") == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "installed" / f"again{catalog.SUFFIX}")
+    assert run("teachers", "--json") == 0
+    listed = {t["name"]: t for t in map(json.loads, capsys.readouterr().out.splitlines())}
+    assert listed["mine"]["origin"] == listed["again"]["origin"] == "installed"
+    assert listed["mine"]["patch_size"] == 17 and "error" not in listed["again"]
+    module, _, _ = catalog.load_teacher("again")
+    assert module.patch_size == 17
+
+    extra = '{"device": "test"}'
+    assert (
+        run("teachers", "ship", f"--workdir={teacher_workdir}", "--name=p17_t", f"--extra={extra}")
+        == 0
+    )
+    entry = json.loads(capsys.readouterr().out)
+    assert entry["name"] == "p17_t" and entry["device"] == "test"
+    manifest = json.loads((tmp_path / "shipped" / catalog.MANIFEST).read_text())
+    assert [e["name"] for e in manifest["teachers"]] == ["p17_t"]
+
+
+def test_teachers_install_and_export_name_what_is_wrong(
+    teacher_workdir, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.setenv("USTAD_TEACHERS", str(tmp_path / "installed"))
+    bad = tmp_path / "bad.teacher.npz"
+    bad.write_bytes(b"not a teacher")
+    assert run("teachers", "install", f"--file={bad}", "--name=bad") == 1
+    assert capsys.readouterr().err.startswith("error: ")
+    assert not (tmp_path / "installed").exists()
+    out = tmp_path / "t.teacher.npz"
+    assert run("teachers", "export", f"--workdir={tmp_path}", f"--out={out}") == 1
+    assert "is not a teacher workdir" in capsys.readouterr().err and not out.exists()
+    args = [f"--workdir={teacher_workdir}", f"--out={out}", "--install=../up"]
+    assert run("teachers", "export", *args) == 1
+    assert "a teacher name is a plain file stem" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.py")), ids=lambda p: p.name)
+def test_config_files_import_only_ustad_and_load_without_sys_path(path):
+    """configs/ never import each other (their shared bases live in the library), so the CLI
+    loads any of them by path alone."""
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            names = [node.module or ""] if not node.level else ["<relative>"]
+        elif isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        else:
+            continue
+        for name in names:
+            assert name.split(".")[0] not in ("configs", "<relative>"), (
+                f"{path.name} imports {name}"
+            )
+    spec = importlib.util.spec_from_file_location(f"ustad_test_cli_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if path.stem != "__init__":
+        assert isinstance(module.get_config(), ml_collections.ConfigDict)
+
+
 def test_the_demo_pipeline_on_a_users_category_without_masks(trained, tmp_path, monkeypatch):
     """run_experiment (what `ustad demo` runs) on the user's data: nothing synthetic is made, and
     a test set without ground_truth/ gets the image-level report."""
-    import ml_collections
-
-    from ustad import experiment
+    from ustad.uninformed_students import experiment
 
     shutil.copytree(trained / "data" / "tiny", tmp_path / "data" / "mine")
     shutil.rmtree(tmp_path / "data" / "mine" / "ground_truth")
     monkeypatch.setattr(experiment, "_ensure_teacher", lambda *args: "random")
-    students = cli.resolve_config_arg("configs/students.py:smoke")
+    students = resolve_config_arg("configs/students.py:smoke")
     spec = importlib.util.spec_from_file_location("ustad_test_cli_students", students[:-6])
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -275,5 +382,5 @@ def test_the_demo_pipeline_on_a_users_category_without_masks(trained, tmp_path, 
     summary = experiment.run_experiment(config, tmp_path / "out")
     assert not (tmp_path / "out" / "data").exists()
     assert set(summary["p17"]) >= {"image_auroc", "mean_score_good"}
-    assert "(needs masks)" in experiment.format_summary(summary)
+    assert "(needs masks)" in format_summary(summary)
     assert (tmp_path / "out" / "report" / "score_histograms.png").is_file()

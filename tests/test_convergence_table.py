@@ -1,10 +1,10 @@
-"""benchmarks/convergence.py's table and plot read the JSON lines the run wrote."""
+"""The convergence table and plot read the JSON lines benchmarks/convergence.py wrote."""
 
 import json
 
 import pytest
 
-from benchmarks import convergence
+from ustad.evaluation.tables import convergence_table, plot_convergence
 
 
 def _record(label, step, train_s, au_pro, **settings):
@@ -40,7 +40,7 @@ def test_table_reads_points_at_minutes_and_marks_minutes_a_run_never_reached(tmp
         {"benchmark": "other"},
     ]
     path.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
-    text = convergence.table(path, minutes=(3, 6, 10))
+    text = convergence_table(path, minutes=(3, 6, 10))
     rows = {line.split(" | ")[0].strip("| "): line for line in text.splitlines()[2:]}
     assert set(rows) == {"long", "short"}
     cells = [c.strip() for c in rows["long"].split("|")[1:-1]]
@@ -49,7 +49,7 @@ def test_table_reads_points_at_minutes_and_marks_minutes_a_run_never_reached(tmp
     assert cells[10:12] == ["0.800", "0.850"]  # last point: raw and smoothed
     short = [c.strip() for c in rows["short"].split("|")[1:-1]]
     assert short[3].startswith("crops 64² × 2") and short[5:7] == ["–", "–"]
-    png = convergence.plot(path, tmp_path / "c.png")
-    assert (tmp_path / "c.png").stat().st_size > 1000 and png is None
-    with pytest.raises(SystemExit, match="no convergence lines"):
-        convergence.table(path, labels=["missing"])
+    png = plot_convergence(path, tmp_path / "c.png")
+    assert (tmp_path / "c.png").stat().st_size > 1000 and png == tmp_path / "c.png"
+    with pytest.raises(ValueError, match="no convergence lines"):
+        convergence_table(path, labels=["missing"])

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ustad.data import MVTEC_URLS, download_mvtec_ad, load_mvtec_category
-from ustad.data.download import FULL_ARCHIVE
+from ustad.data.download import FULL_ARCHIVE, MVTEC_URLS, download_mvtec_ad
+from ustad.data.mvtec import load_mvtec_category
 
 
 def _make_archive(tmp_path, names, wrap=None):

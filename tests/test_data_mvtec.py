@@ -4,13 +4,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ustad.data import (
-    MVTEC_CATEGORIES,
-    index_mvtec_category,
-    load_mvtec_category,
-    read_image,
-    split_validation,
-)
+from ustad.data.images import read_image
+from ustad.data.mvtec import MVTEC_CATEGORIES, index_mvtec_category, load_mvtec_category
+from ustad.data.split import split_validation
 
 
 def _save(path, array, **kwargs):

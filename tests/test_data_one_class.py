@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from ustad.data import (
+from ustad.data.one_class import (
     load_cifar10,
     load_one_class_dataset,
     one_class_split,

@@ -7,7 +7,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from PIL import Image
 
-from ustad.data import (
+from ustad.data.pipeline import (
     PatchSampler,
     epoch_permutation,
     iterate_batches,

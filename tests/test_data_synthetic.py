@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ustad.data import (
+from ustad.data.images import to_uint8
+from ustad.data.mvtec import load_mvtec_category
+from ustad.data.synthetic import (
     DEFECT_TYPES,
     add_defect,
-    load_mvtec_category,
     load_texture,
     make_synthetic_category,
     random_view,
-    to_uint8,
 )
 
 

@@ -7,13 +7,8 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from ustad.data import (
-    MvtecAd,
-    MvtecAdConfig,
-    index_mvtec_category,
-    load_mvtec_category,
-    load_mvtec_tfds,
-)
+from ustad.data import MvtecAd, MvtecAdConfig, load_mvtec_tfds
+from ustad.data.mvtec import index_mvtec_category, load_mvtec_category
 
 
 def _make_tree(root, category, size):

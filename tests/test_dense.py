@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ustad.dense import dense_apply, extract_patches, per_patch_apply, unwarp
-from ustad.models.patch_net import patch_net
+from ustad.uninformed_students.dense import dense_apply, extract_patches, per_patch_apply, unwarp
+from ustad.uninformed_students.nets import patch_net
 
 
 def _net(p, channels=3, out_dim=8):

@@ -17,11 +17,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ustad import cli, deploy
+from ustad import deploy
+from ustad.cli import main as cli
 from ustad.data.synthetic import make_synthetic_category
-from ustad.deploy_graph import make_scorer, scale_weights, teacher_sha256
-from ustad.models.patch_net import patch_net
-from ustad.scoring import Detector, ScaleModel, ScoreNormalization
+from ustad.ensemble import ScoreNormalization
+from ustad.uninformed_students.checkpoints import ScaleModel
+from ustad.uninformed_students.export_graph import make_scorer, scale_weights, teacher_sha256
+from ustad.uninformed_students.nets import patch_net
+from ustad.uninformed_students.score import Detector
 
 pytest.importorskip("jax2onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -195,8 +198,9 @@ def test_deploy_load_imports_no_training_stack(scales, images, exported, tmp_pat
         np.savez({str(tmp_path / "out.npz")!r}, maps=maps, scores=scores,
                  other_maps=other_maps, other_scores=other_scores)
         loaded = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED
-                        or m.startswith("tensorflow") or m.startswith("ustad.models")
-                        or m.startswith("ustad.train") or m.startswith("ustad.data"))
+                        or m.startswith(("tensorflow", "ustad.models", "ustad.data",
+                                         "ustad.uninformed_students", "ustad.stfpm",
+                                         "ustad.training", "ustad.families")))
         print(json.dumps(loaded))
         """
     )
@@ -217,11 +221,13 @@ def test_deploy_load_imports_no_training_stack(scales, images, exported, tmp_pat
 
 def test_runtime_host_conversions_are_the_detectors():
     # One implementation (ustad.host_images, NumPy and PIL only) serves both.
-    from ustad import deploy_runtime, host_images, scoring
+    from ustad import detector, host_images
     from ustad.data import images
+    from ustad.deploy import runtime as deploy_runtime
 
-    assert deploy_runtime.as_unit_float is scoring.as_unit_float is host_images.as_unit_float
-    assert deploy_runtime.convert_channels is scoring.convert_channels
+    assert deploy_runtime.as_unit_float is host_images.as_unit_float
+    assert deploy_runtime.convert_channels is detector.convert_channels
+    assert deploy_runtime.convert_channels is host_images.convert_channels
     assert deploy_runtime.resize_bilinear is images.resize_bilinear
 
 

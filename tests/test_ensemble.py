@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ustad.ensemble import apply_ensemble, init_ensemble, member, num_members, vmap_members
-from ustad.models.patch_net import patch_net
+from ustad.uninformed_students.nets import patch_net
 
 
 def test_vmapped_init_and_apply_equal_a_loop():

@@ -1,4 +1,5 @@
-"""ustad.evaluate and ustad.figures on tiny arrays: files exist, parse back, match ustad.metrics."""
+"""ustad.evaluation.reports and ustad.evaluation.figures on tiny arrays: files exist, parse back,
+match ustad.evaluation.metrics."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ustad import evaluate, figures, metrics
+from ustad.evaluation import figures, metrics
+from ustad.evaluation import reports as evaluate
 
 
 def _category(seed: int = 0, n: int = 8, size: int = 24):

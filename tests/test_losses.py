@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ustad.losses import (
+from ustad.uninformed_students.teacher.losses import (
     compactness_loss,
     descriptor_correlation,
     distillation_loss,

@@ -6,7 +6,8 @@ which the wave runs along the columns instead, with the same range of grey level
 pixel's value gives it away and a random teacher's descriptors there are not much larger than
 elsewhere. A random p = 17 teacher at 1/16 of the paper's widths (d = 8), M = 3 students, the
 ustad training step (Adam, cached normalised targets), the score normalisation on held-out good
-images and :class:`ustad.scoring.Detector`. The control is the same ensemble before its first
+images and :class:`ustad.uninformed_students.score.Detector`. The control is the same ensemble
+before its first
 update, normalised the same way. Students that learnt the teacher on the row waves must fail
 on column waves; untrained students fail everywhere.
 
@@ -22,11 +23,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ustad import metrics
-from ustad.dense import dense_apply
-from ustad.models.patch_net import patch_net
-from ustad.scoring import Detector, ScaleModel, compute_normalization
-from ustad.train.students import init_students, make_optimizer, make_train_step
+from ustad.evaluation import metrics
+from ustad.uninformed_students.checkpoints import ScaleModel
+from ustad.uninformed_students.dense import dense_apply
+from ustad.uninformed_students.maps import compute_normalization
+from ustad.uninformed_students.nets import patch_net
+from ustad.uninformed_students.score import Detector
+from ustad.uninformed_students.steps import init_students, make_optimizer, make_train_step
 
 SIZE = 32
 STEPS = 80

@@ -1,4 +1,4 @@
-"""ustad.metrics against brute-force definitions, hand-made cases and scikit-learn."""
+"""ustad.evaluation.metrics against brute-force definitions, hand-made cases and scikit-learn."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 from scipy import ndimage
 from sklearn import metrics as skm
 
-from ustad import metrics
+from ustad.evaluation import metrics
 
 # --------------------------------------------------------------------------- brute force
 

@@ -25,8 +25,8 @@ def _problem():
     import jax.numpy as jnp
 
     from ustad import sharding as shd
-    from ustad.models.patch_net import patch_net
-    from ustad.train.students import init_students, make_optimizer
+    from ustad.uninformed_students.nets import patch_net
+    from ustad.uninformed_students.steps import init_students, make_optimizer
 
     key = jax.random.key(0, impl="rbg")  # fast to compile on CPU
     teacher = patch_net(P, widths=1 / 16, out_dim=DIM)
@@ -65,8 +65,8 @@ def _worker(process_id: int, port: int, out: str) -> None:
     jax.config.update("jax_default_matmul_precision", "highest")  # as tests/conftest.py
     import ustad  # noqa: F401  (XLA flags before the backend starts)
     from ustad import sharding as shd
-    from ustad.models.patch_net import patch_net
-    from ustad.train.students import init_students, make_optimizer, make_train_step
+    from ustad.uninformed_students.nets import patch_net
+    from ustad.uninformed_students.steps import init_students, make_optimizer, make_train_step
 
     shd.initialize_distributed(
         f"127.0.0.1:{port}", num_processes=2, process_id=process_id, initialization_timeout=60
@@ -120,7 +120,7 @@ def test_two_processes_match_one(tmp_path):
     import jax
 
     from ustad import sharding as shd
-    from ustad.train.students import make_train_step
+    from ustad.uninformed_students.steps import make_train_step
 
     teacher, tx, problem = _problem()
     _save_tree(tmp_path / "problem.npz", problem)

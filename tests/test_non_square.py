@@ -10,15 +10,15 @@ from absl import flags
 from PIL import Image
 from test_bad_inputs import _config
 
-from ustad import cli
-from ustad.commands import _config_flag
-from ustad.data import load_mvtec_category, load_mvtec_train
+from ustad.cli import main as cli
+from ustad.cli.common import config_flag, rewrite_config_args
 from ustad.data.images import as_size, aspect_change, fit_size, write_png
+from ustad.data.mvtec import load_mvtec_category, load_mvtec_train
 from ustad.data.synthetic import make_synthetic_category
-from ustad.models.patch_net import patch_net
-from ustad.scoring import Detector
-from ustad.train.student_inputs import check_image_size, size_multiple
-from ustad.train.students import train_and_evaluate
+from ustad.uninformed_students.inputs import check_image_size, size_multiple
+from ustad.uninformed_students.nets import patch_net
+from ustad.uninformed_students.score import Detector
+from ustad.uninformed_students.train import train_and_evaluate
 
 NATIVE = (24, 36)  # H × W of the tiny non-square category
 SHORT = 16  # its short side after keep_aspect: 16 × 24 (p = 17: stride 1)
@@ -27,9 +27,9 @@ SHORT = 16  # its short side after keep_aspect: 16 × 24 (p = 17: stride 1)
 def _parse(*overrides):
     """``configs/students.py:smoke`` as ``ustad train-students`` parses it."""
     argv = ["ustad train-students", "--config=configs/students.py:smoke", *overrides]
-    argv = [argv[0], *cli._rewrite_config_args(argv[1:])]
+    argv = [argv[0], *rewrite_config_args(argv[1:])]
     fv = flags.FlagValues()
-    _config_flag(fv, argv, "", "config")
+    config_flag(fv, argv, "", "config")
     fv(argv)
     return fv["config"].value
 
@@ -122,7 +122,7 @@ def test_keep_aspect_train_score_and_maps_at_the_inputs_size(tmp_path, capsys, c
         maps, _ = detector.score(native.transpose(0, 2, 1, 3))
     assert maps.shape == (2, 36, 24)
     (message,) = _warnings(caplog)
-    assert "36×24 (H×W) are scored at the students' training size 16×24" in message
+    assert "36×24 (H×W) are scored at the model's training size 16×24" in message
     assert "2.25×" in message and "--config.keep_aspect=True" in message
 
     # `ustad score`: every map, overlay and score at its image's own size.

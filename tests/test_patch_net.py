@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ustad.models.patch_net import ARCHITECTURES, patch_net, receptive_field
+from ustad.uninformed_students.nets import ARCHITECTURES, patch_net, receptive_field
 
 
 @pytest.mark.parametrize(

@@ -8,9 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ustad import probes
-from ustad.dense import dense_apply
-from ustad.models.patch_net import patch_net
+from ustad.detector import smooth_maps
+from ustad.uninformed_students import nearest_neighbour, probes
+from ustad.uninformed_students.dense import dense_apply
+from ustad.uninformed_students.nets import patch_net
+from ustad.uninformed_students.teacher import distillation
 
 P, SIZE, DIM = 17, 16, 8
 
@@ -33,10 +35,10 @@ def test_nearest_neighbour_distances_equal_brute_force():
     queries = rng.normal(size=(37, 5)).astype(np.float32) + 3.0
     bank = rng.normal(size=(11, 5)).astype(np.float32) + 3.0
     expected = np.sqrt(((queries[:, None] - bank[None]) ** 2).sum(-1)).min(1)
-    got = probes.nearest_neighbour_distances(queries, bank, chunk=8)  # 37 = 4 chunks + 5
+    got = nearest_neighbour.nearest_neighbour_distances(queries, bank, chunk=8)  # 37 = 4 chunks + 5
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
     # A query that is a bank row is at distance 0.
-    assert probes.nearest_neighbour_distances(bank[3:4], bank)[0] < 1e-3
+    assert nearest_neighbour.nearest_neighbour_distances(bank[3:4], bank)[0] < 1e-3
 
 
 def test_random_teacher_is_the_architecture_initialised_by_its_key(teacher):
@@ -62,26 +64,32 @@ def test_memory_bank_is_a_seeded_subset_of_the_dense_descriptors(teacher):
     images = _images(0, 3)
     dense = np.asarray(dense_apply(teacher.module, teacher.variables, jnp.asarray(images)))
     rows = dense.reshape(-1, DIM)
-    bank = probes.memory_bank(teacher.module, teacher.variables, images, 50, seed=4, batch_size=2)
+    bank = nearest_neighbour.memory_bank(
+        teacher.module, teacher.variables, images, 50, seed=4, batch_size=2
+    )
     assert bank.shape == (50, DIM)
     chosen = np.sort(np.random.default_rng(4).choice(len(rows), 50, replace=False))
     np.testing.assert_allclose(bank, rows[chosen], rtol=1e-5, atol=1e-6)
-    again = probes.memory_bank(teacher.module, teacher.variables, images, 50, seed=4, batch_size=3)
+    again = nearest_neighbour.memory_bank(
+        teacher.module, teacher.variables, images, 50, seed=4, batch_size=3
+    )
     np.testing.assert_allclose(again, bank, rtol=1e-5, atol=1e-6)
-    everything = probes.memory_bank(teacher.module, teacher.variables, images, 10**6)
+    everything = nearest_neighbour.memory_bank(teacher.module, teacher.variables, images, 10**6)
     assert everything.shape == rows.shape
 
 
 def test_nearest_neighbour_maps_equal_brute_force(teacher):
     train, test = _images(0, 2), _images(1, 3)
-    bank = probes.memory_bank(teacher.module, teacher.variables, train, 10**6)
-    maps = probes.nearest_neighbour_maps(
+    bank = nearest_neighbour.memory_bank(teacher.module, teacher.variables, train, 10**6)
+    maps = nearest_neighbour.nearest_neighbour_maps(
         teacher.module, teacher.variables, test, bank, batch_size=2, chunk=100
     )
     dense = np.asarray(dense_apply(teacher.module, teacher.variables, jnp.asarray(test)))
-    expected = probes.nearest_neighbour_distances(dense.reshape(-1, DIM), bank, chunk=64)
+    expected = nearest_neighbour.nearest_neighbour_distances(dense.reshape(-1, DIM), bank, chunk=64)
     np.testing.assert_allclose(maps, expected.reshape(3, SIZE, SIZE), rtol=1e-4, atol=1e-5)
-    on_bank = probes.nearest_neighbour_maps(teacher.module, teacher.variables, train, bank)
+    on_bank = nearest_neighbour.nearest_neighbour_maps(
+        teacher.module, teacher.variables, train, bank
+    )
     assert np.abs(on_bank).max() < 1e-3 * np.abs(maps).max()
 
 
@@ -94,7 +102,7 @@ def test_detection_figures_and_smoothing():
     flipped = probes.detection_figures(-masks.astype(np.float32), masks, labels)
     assert flipped["pixel_auroc"] == 0.0
     constant = np.full((2, 9, 9), 3.0, np.float32)
-    np.testing.assert_allclose(probes.smooth_maps(constant, 2.0), constant, rtol=1e-6)
+    np.testing.assert_allclose(smooth_maps(constant, 2.0), constant, rtol=1e-6)
 
 
 def test_descriptor_probe_finds_a_bright_square(teacher):
@@ -129,10 +137,10 @@ def test_backbone_targets_see_exactly_the_teachers_window():
         return jnp.mean(images, axis=(1, 2))
 
     backbone = types.SimpleNamespace(variables={}, features_fn=features_fn)
-    targets = probes.backbone_targets(backbone, crops, window, 3, None)
+    targets = distillation.backbone_targets(backbone, crops, window, 3, None)
     np.testing.assert_allclose(targets, 0.25, rtol=1e-6)
     assert seen[0][1:3] == (window, window)
-    resized = probes.backbone_targets(backbone, crops, window, 3, 64)
+    resized = distillation.backbone_targets(backbone, crops, window, 3, 64)
     assert seen[-1][1:3] == (64, 64)
     np.testing.assert_allclose(resized, 0.25, rtol=1e-5)
 
@@ -145,7 +153,7 @@ def test_distillation_figures():
     targets = descriptors @ kernel + bias
     fit = rng.normal(size=(400, 6))
     fit[:, 5] = 2.0
-    figures = probes.distillation_figures(
+    figures = distillation.distillation_figures(
         descriptors,
         targets,
         decoder={"kernel": kernel, "bias": bias},
@@ -157,8 +165,11 @@ def test_distillation_figures():
     assert figures["dead_dims"] == 1
     assert figures["mean_abs_offdiag_corr"] < 0.1  # independent normals
     mean_only = {"kernel": np.zeros((6, 10)), "bias": targets.mean(0)}
-    assert probes.distillation_figures(descriptors, targets, decoder=mean_only)["r2_decoder"] == 0
-    assert probes.distillation_figures(descriptors, targets)["r2_linear"] is None
+    assert (
+        distillation.distillation_figures(descriptors, targets, decoder=mean_only)["r2_decoder"]
+        == 0
+    )
+    assert distillation.distillation_figures(descriptors, targets)["r2_linear"] is None
 
 
 def test_distill_probe_end_to_end_with_a_fake_backbone(teacher):
@@ -168,7 +179,7 @@ def test_distill_probe_end_to_end_with_a_fake_backbone(teacher):
         return jnp.concatenate([jnp.mean(images, axis=(1, 2)), jnp.std(images, axis=(1, 2))], -1)
 
     backbone = types.SimpleNamespace(variables={}, features_fn=features_fn)
-    result = probes.distill_probe(teacher, backbone, photos, patches=100, seed=3)
+    result = distillation.distill_probe(teacher, backbone, photos, patches=100, seed=3)
     figures = result["figures"]
     assert figures["r2_decoder"] is None  # a random teacher has no decoder
     assert -1.0 < figures["r2_linear"] <= 1.0

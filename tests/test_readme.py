@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from ustad import cli
+from ustad.cli import main as cli
 from ustad.data.synthetic import make_synthetic_category
 
 README = Path(__file__).parents[1] / "README.md"

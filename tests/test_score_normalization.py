@@ -5,9 +5,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ustad.dense import dense_apply
-from ustad.models.patch_net import patch_net
-from ustad.score_maps import compute_normalization
+from ustad.uninformed_students.dense import dense_apply
+from ustad.uninformed_students.maps import compute_normalization
+from ustad.uninformed_students.nets import patch_net
 
 NETWORK = patch_net(17, widths=1 / 16, out_dim=8)
 SAMPLE = jnp.zeros((1, 17, 17, 3))

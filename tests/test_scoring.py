@@ -7,17 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ustad.dense import dense_apply
-from ustad.models.patch_net import patch_net
-from ustad.scoring import (
-    Detector,
-    ScaleModel,
+from ustad.detector import reduce_maps
+from ustad.ensemble import (
     ScoreNormalization,
-    compute_normalization,
-    find_scale_dirs,
     normalized_score,
     predictive_variance,
-    reduce_maps,
     regression_error,
 )
 from ustad.stats import (
@@ -28,6 +22,11 @@ from ustad.stats import (
     finalize,
     merge_moments,
 )
+from ustad.uninformed_students.checkpoints import ScaleModel, find_scale_dirs
+from ustad.uninformed_students.dense import dense_apply
+from ustad.uninformed_students.maps import compute_normalization
+from ustad.uninformed_students.nets import patch_net
+from ustad.uninformed_students.score import Detector
 
 KEY = functools.partial(jax.random.key, impl="rbg")  # fast to compile on CPU
 
@@ -202,7 +201,7 @@ def test_scale_folders_of_a_multiscale_run(tmp_path):
 
 
 def test_score_command_names_an_unreadable_image(tmp_path, capsys):
-    from ustad import cli
+    from ustad.cli import main as cli
 
     (tmp_path / "images").mkdir()
     (tmp_path / "images" / "broken.png").write_bytes(b"not a png")

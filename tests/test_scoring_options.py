@@ -9,11 +9,14 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from ustad import cli
-from ustad.evaluate import image_scores_from_maps
-from ustad.models.patch_net import patch_net
+from ustad.cli import main as cli
+from ustad.detector import reduce_maps, smooth_maps
+from ustad.ensemble import ScoreNormalization
+from ustad.evaluation.reports import image_scores_from_maps
 from ustad.score_files import score_files
-from ustad.scoring import Detector, ScaleModel, ScoreNormalization, reduce_maps, smooth_maps
+from ustad.uninformed_students.checkpoints import ScaleModel
+from ustad.uninformed_students.nets import patch_net
+from ustad.uninformed_students.score import Detector
 
 KEY = functools.partial(jax.random.key, impl="rbg")
 NETWORK = patch_net(17, widths=1 / 16, out_dim=8)

@@ -9,11 +9,14 @@ import pytest
 from jax.sharding import PartitionSpec
 
 from ustad import sharding as shd
-from ustad.dense import dense_apply
-from ustad.models.patch_net import patch_net
-from ustad.scoring import Detector, ScaleModel, ScoreNormalization
+from ustad.ensemble import ScoreNormalization
 from ustad.stats import descriptor_stats
-from ustad.train.students import build_target_cache, init_students, make_optimizer, make_train_step
+from ustad.uninformed_students.checkpoints import ScaleModel
+from ustad.uninformed_students.dense import dense_apply
+from ustad.uninformed_students.nets import patch_net
+from ustad.uninformed_students.score import Detector
+from ustad.uninformed_students.steps import init_students, make_optimizer, make_train_step
+from ustad.uninformed_students.targets import build_target_cache
 
 KEY = functools.partial(jax.random.key, impl="rbg")  # fast to compile on CPU
 P, SIZE, DIM, M, BATCH = 17, 16, 8, 2, 2

@@ -4,21 +4,33 @@ frozen, vmapped M = 1 == the single student, and train → score → evaluate th
 import functools
 import importlib.util
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ustad import cli, stfpm
+import ustad
+from ustad.cli import main as cli
 from ustad.data.synthetic import make_synthetic_category
 from ustad.ensemble import member
 from ustad.models import efficientnet_lite, resnet
-from ustad.stfpm_nets import pyramid_from_spec, pyramid_net, pyramid_spec, teacher_variables
-from ustad.stfpm_scoring import STFPMDetector, STFPMModel, level_scores, load_model
-from ustad.train import stfpm_steps as steps
-from ustad.train.stfpm import train_stfpm
+from ustad.stfpm import maps as stfpm
+from ustad.stfpm import steps
+from ustad.stfpm.checkpoints import STFPMModel, load_model
+from ustad.stfpm.maps import level_scores
+from ustad.stfpm.nets import (
+    ResNet18Pyramid,
+    pyramid_from_spec,
+    pyramid_net,
+    pyramid_spec,
+    teacher_variables,
+)
+from ustad.stfpm.score import STFPMDetector
+from ustad.stfpm.train import train_stfpm
 
 SIZE = 32
 KEY = functools.partial(jax.random.key, impl="rbg")  # fast to compile on XLA:CPU
@@ -83,6 +95,55 @@ def test_pyramid_equals_the_pretrained_backbones_maps(backbone, full, names):
     for name, got in zip(names, maps, strict=True):
         np.testing.assert_allclose(got, expected[name], rtol=1e-5, atol=1e-5)
     assert [SIZE // m.shape[1] for m in maps] == list(network.strides) == [4, 8, 16]
+
+
+class _FullBody(nn.Module):
+    """A module made of one ``stage_maps`` of :mod:`ustad.models`."""
+
+    body: Callable
+    kwargs: tuple
+
+    @nn.compact
+    def __call__(self, images, *, train=False):
+        return self.body(images, train=train, **dict(self.kwargs))
+
+
+def _full_body(network):
+    """The models/ backbone's stages one deeper than ``network``'s, at its sizes and momentum."""
+    kwargs = {"bn_momentum": network.bn_momentum, "last_stage": max(network.levels) + 1}
+    if isinstance(network, ResNet18Pyramid):
+        kwargs.update(widths=network.widths, blocks=network.blocks)
+        return _FullBody(resnet.stage_maps, tuple(kwargs.items()))
+    kwargs.update(stages=network.stages, stem=network.stem)
+    return _FullBody(efficientnet_lite.stage_maps, tuple(kwargs.items()))
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "efficientnet_lite0"])
+def test_trainable_pyramid_equals_the_models_stage_maps_with_the_same_weights(backbone):
+    # The pyramid is models/' body cut early: in training mode too (batch statistics, running
+    # averages updated with the pyramid's momentum), its levels and updated statistics are the
+    # full body's, and its variables are a subset of the full body's names and shapes.
+    network = _tiny(backbone)
+    full = _full_body(network)
+    full_variables = _variables(full, 3)
+    variables = teacher_variables(network, full_variables)
+    images = jnp.asarray(_images(2))
+
+    @jax.jit
+    def run(variables, full_variables):
+        apply = functools.partial(network.apply, train=True, mutable=["batch_stats"])
+        full_apply = functools.partial(full.apply, train=True, mutable=["batch_stats"])
+        return apply(variables, images), full_apply(full_variables, images)
+
+    (maps, updated), (full_maps, full_updated) = run(variables, full_variables)
+    # The same operations in the same order: equal up to XLA's fusion choices.
+    _assert_trees_close(maps, tuple(full_maps[name] for name in network.level_names), 1e-6, 1e-6)
+    expected = teacher_variables(network, dict(full_variables, **full_updated))["batch_stats"]
+    _assert_trees_close(updated["batch_stats"], expected, 1e-6, 1e-6)
+    stem_bn = "bn1" if backbone == "resnet18" else "bn0"
+    assert not np.allclose(
+        updated["batch_stats"][stem_bn]["mean"], variables["batch_stats"][stem_bn]["mean"]
+    )
 
 
 @pytest.mark.parametrize("backbone", ["resnet18", "efficientnet_lite0"])
@@ -326,11 +387,11 @@ def trained(tmp_path_factory):
 
 def test_train_students_evaluate_and_score_work_for_stfpm(trained, capsys):
     root, data, _ = trained
-    from ustad.scoring import Detector, load_scale
+    from ustad.families import load_models
 
-    model = load_scale(root / "run")
-    assert isinstance(model, STFPMModel) and model.num_students == 1
-    assert isinstance(Detector.load(root / "run"), STFPMDetector)
+    family, models = load_models(root / "run")
+    assert family == "stfpm" and isinstance(models[0], STFPMModel) and models[0].num_students == 1
+    assert isinstance(ustad.load_detector(root / "run"), STFPMDetector)
     out = root / "report"
     assert (
         cli.main(

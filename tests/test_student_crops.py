@@ -7,17 +7,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import ustad.train.students as students_lib
-from ustad.dense import crop_with_context, dense_apply, pad_images
-from ustad.models.patch_net import patch_net
-from ustad.train.student_crops import (
+import ustad.uninformed_students.train as students_lib
+from ustad.uninformed_students.crops import (
     CropBatches,
     check_crop_size,
     crop_steps_per_epoch,
     sample_crops,
 )
-from ustad.train.student_steps import learning_rate_schedule, student_loss
-from ustad.train.students import train_students
+from ustad.uninformed_students.dense import crop_with_context, dense_apply, pad_images
+from ustad.uninformed_students.nets import patch_net
+from ustad.uninformed_students.steps import learning_rate_schedule, student_loss
+from ustad.uninformed_students.train import train_students
 
 KEY = functools.partial(jax.random.key, impl="rbg")
 
@@ -182,7 +182,7 @@ def test_crop_training_resumes_exactly_and_calls_the_hook(data, tmp_path, monkey
 
 
 def test_scale_epochs_override_config_epochs_per_scale():
-    from ustad.train.students import scale_epochs
+    from ustad.uninformed_students.train import scale_epochs
 
     config = _config(epochs=4)
     assert scale_epochs(config, 17) == 4

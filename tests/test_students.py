@@ -11,26 +11,25 @@ import numpy as np
 import optax
 import pytest
 
-import ustad.train.students as students_lib
-from ustad import cli
+import ustad.uninformed_students.train as students_lib
 from ustad import sharding as shd
+from ustad.cli import main as cli
 from ustad.data.images import read_image, to_uint8, write_png
 from ustad.data.synthetic import make_synthetic_category
 from ustad.ensemble import member
 from ustad.metric_writer import read_metrics
-from ustad.models.patch_net import patch_net
-from ustad.scoring import Detector, teacher_targets
-from ustad.train.students import (
-    build_target_cache,
-    choose_target_cache,
+from ustad.uninformed_students.maps import teacher_targets
+from ustad.uninformed_students.nets import patch_net
+from ustad.uninformed_students.score import Detector
+from ustad.uninformed_students.steps import (
     init_students,
     make_optimizer,
     make_train_step,
     student_loss,
     student_step,
-    train_and_evaluate,
-    train_students,
 )
+from ustad.uninformed_students.targets import build_target_cache, choose_target_cache
+from ustad.uninformed_students.train import train_and_evaluate, train_students
 
 P, SIZE, DIM, M = 17, 16, 8, 2
 LR, WD = 1e-3, 1e-2  # larger than the paper's, so that differences would show
@@ -39,7 +38,7 @@ KEY = functools.partial(jax.random.key, impl="rbg")
 
 
 def _load_script(name, folder="scripts"):
-    """A repository file outside the package (scripts/, configs/) as a module, loaded once."""
+    """A repository file outside the package (configs/) as a module, loaded once."""
     key = f"ustad_test_{folder}_{name}"
     if key not in sys.modules:
         path = Path(__file__).parents[1] / folder / f"{name}.py"

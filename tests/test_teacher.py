@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 
 from ustad.data.images import write_png
-from ustad.models.patch_net import patch_net
 from ustad.models.pretrained import Backbone
-from ustad.train import patches, teacher
+from ustad.uninformed_students.nets import patch_net
+from ustad.uninformed_students.teacher import patches, sources
+from ustad.uninformed_students.teacher import train as teacher
 
 
 def _load_configs():
@@ -114,7 +115,7 @@ def test_context_sampler_pools_are_seeded_and_prefetched():
         loads.append(i)
         return np.full((12, 12, 1), i, np.uint8)
 
-    source = patches.LazyImages(50, load)
+    source = sources.LazyImages(50, load)
     sampler = patches.ContextSampler(source, 5, jax.random.key(1), pool_size=4, steps_per_pool=2)
     with sampler:
         members = sampler.pool_members(3)
@@ -135,14 +136,14 @@ def test_sources_folder_tfds_and_conversions(tmp_path, monkeypatch):
     rng = np.random.default_rng(0)
     for i in range(3):
         write_png(tmp_path / f"{i}.png", rng.integers(0, 256, (20, 24, 3), dtype=np.uint8))
-    files = patches.image_files(str(tmp_path / "*.png"))
+    files = sources.image_files(str(tmp_path / "*.png"))
     assert len(files) == 3 and files[1].shape == (20, 24, 3)
 
     import tensorflow_datasets as tfds
 
     fake = [{"image": np.full((30, 30, 3), i, np.uint8), "label": i} for i in range(5)]
     monkeypatch.setattr(tfds, "data_source", lambda name, **kwargs: fake)
-    source = patches.tfds_images("imagenette")
+    source = sources.tfds_images("imagenette")
     assert len(source) == 5 and source[-1][0, 0, 0] == 4
 
     # Gray, bool and float images of any size; a too-small image is enlarged to one crop.
@@ -167,18 +168,18 @@ def test_photo_folder_split_is_fixed_and_disjoint(tmp_path):
         sub.mkdir(exist_ok=True)
         write_png(sub / f"{i}.png", rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
     (tmp_path / "MANIFEST.tsv").write_text("not an image")
-    train = patches.photo_folder(tmp_path, split="train", holdout_fraction=0.25)
-    holdout = patches.photo_folder(tmp_path, split="holdout", holdout_fraction=0.25)
-    every = patches.photo_folder(tmp_path, split="all")
+    train = sources.photo_folder(tmp_path, split="train", holdout_fraction=0.25)
+    holdout = sources.photo_folder(tmp_path, split="holdout", holdout_fraction=0.25)
+    every = sources.photo_folder(tmp_path, split="all")
     assert len(every) == 40 and len(train) + len(holdout) == 40
     assert not set(train.names) & set(holdout.names) and 3 <= len(holdout) <= 17
     # The split depends on each file's own path only: new files never move old ones.
     write_png(tmp_path / "pkg0" / "new.png", rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
-    again = patches.photo_folder(tmp_path, split="holdout", holdout_fraction=0.25)
+    again = sources.photo_folder(tmp_path, split="holdout", holdout_fraction=0.25)
     assert set(holdout.names) <= set(again.names)
     assert train[0].shape == (8, 8, 3) and train[0].dtype == np.float32
     with pytest.raises(FileNotFoundError, match="missing"):
-        patches.photo_folder(tmp_path / "missing")
+        sources.photo_folder(tmp_path / "missing")
 
 
 def test_context_sampler_levels_flips_and_jitter():

@@ -2,12 +2,16 @@
 
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 from test_teacher import _config, _train
 
-from ustad.train import teacher, teacher_files
+import ustad
+from ustad.uninformed_students.teacher import catalog
+from ustad.uninformed_students.teacher import files as teacher_files
+from ustad.uninformed_students.teacher import train as teacher
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +29,7 @@ def _apply(module, variables, seed=0):
 def test_export_round_trip_by_path_and_by_name(trained, tmp_path, monkeypatch):
     module, variables, meta = teacher.load_teacher(trained)
     path = tmp_path / "t.teacher.npz"
-    record = teacher_files.export_teacher(trained, path)
+    record = catalog.export_teacher(trained, path)
     assert record["bytes"] == path.stat().st_size and len(record["sha256"]) == 64
     loaded, loaded_vars, header = teacher.load_teacher(path)
     assert loaded == module
@@ -38,18 +42,18 @@ def test_export_round_trip_by_path_and_by_name(trained, tmp_path, monkeypatch):
     monkeypatch.setenv("USTAD_TEACHERS", str(tmp_path / "named"))
     with pytest.raises(FileNotFoundError, match=r"shipped teachers \(names: "):
         teacher.load_teacher("tiny17")
-    installed = teacher_files.install_teacher(path, "tiny17")
+    installed = catalog.install_teacher(path, "tiny17")
     assert installed == tmp_path / "named" / "tiny17.teacher.npz"
     by_name = teacher.load_teacher("tiny17")
     np.testing.assert_array_equal(_apply(*by_name[:2]), _apply(module, variables))
     with pytest.raises(ValueError, match="plain file stem"):
-        teacher_files.install_teacher(path, "../escape")
+        catalog.install_teacher(path, "../escape")
 
 
 def test_float16_export_is_half_the_size_and_close(trained, tmp_path):
     module, variables, _ = teacher.load_teacher(trained)
-    full = teacher_files.export_teacher(trained, tmp_path / "a.teacher.npz")
-    half = teacher_files.export_teacher(trained, tmp_path / "b.teacher.npz", dtype="float16")
+    full = catalog.export_teacher(trained, tmp_path / "a.teacher.npz")
+    half = catalog.export_teacher(trained, tmp_path / "b.teacher.npz", dtype="float16")
     assert half["bytes"] < 0.6 * full["bytes"]
     loaded = teacher.load_teacher(tmp_path / "b.teacher.npz")
     reference = _apply(module, variables)
@@ -77,7 +81,7 @@ def _set_header(arrays, **fields):
 
 def test_bad_files_name_what_is_wrong(trained, tmp_path):
     good = tmp_path / "good.teacher.npz"
-    teacher_files.export_teacher(trained, good)
+    catalog.export_teacher(trained, good)
     first = next(k for k in np.load(good).files if k.startswith("params/"))
 
     def nan(arrays):
@@ -111,12 +115,12 @@ def test_students_config_takes_a_teacher_by_name(trained, tmp_path, monkeypatch)
     import jax
     import ml_collections
 
-    from ustad.train import student_targets
+    from ustad.uninformed_students import targets as student_targets
 
     monkeypatch.setenv("USTAD_TEACHERS", str(tmp_path))
-    teacher_files.export_teacher(trained, tmp_path / "mine.teacher.npz")
+    catalog.export_teacher(trained, tmp_path / "mine.teacher.npz")
     config = ml_collections.ConfigDict({"teacher_workdir": "mine"})
-    module, variables, source = student_targets._teacher_from_config(
+    module, variables, source = student_targets.teacher_from_config(
         config, 17, 3, jax.random.key(0)
     )
     assert source == str((tmp_path / "mine.teacher.npz").resolve())
@@ -127,14 +131,14 @@ def test_students_config_takes_a_teacher_by_name(trained, tmp_path, monkeypatch)
 
 def test_decoder_travels_with_the_file_and_training_continues_from_it(trained, tmp_path):
     path = tmp_path / "t.teacher.npz"
-    teacher_files.export_teacher(trained, path)
-    from_file = teacher_files.load_decoder(path)
-    from_workdir = teacher_files.load_decoder(trained)
+    catalog.export_teacher(trained, path)
+    from_file = catalog.load_decoder(path)
+    from_workdir = catalog.load_decoder(trained)
     assert from_file["kernel"].shape == (16, 8) and from_file["bias"].shape == (8,)
     np.testing.assert_array_equal(from_file["kernel"], from_workdir["kernel"])
     bare = tmp_path / "bare.teacher.npz"
-    teacher_files.export_teacher(trained, bare, with_decoder=False)
-    assert teacher_files.load_decoder(bare) is None
+    catalog.export_teacher(trained, bare, with_decoder=False)
+    assert catalog.load_decoder(bare) is None
 
     # Continue the 4-step file to 6 steps in a new workdir: it starts at step 4; snapshots keep
     # a file per step asked for.
@@ -163,19 +167,19 @@ def test_list_teachers_and_shipped_files_are_checked(trained, tmp_path, monkeypa
     shipped = tmp_path / "shipped"
     installed = tmp_path / "installed"
     monkeypatch.setenv("USTAD_TEACHERS", str(installed))
-    monkeypatch.setattr(teacher_files, "shipped_dir", lambda: shipped)
-    entry = teacher_files.ship_teacher(trained, "tiny", extra={"au_pro": 0.5})
+    monkeypatch.setattr(catalog, "shipped_dir", lambda: shipped)
+    entry = catalog.ship_teacher(trained, "tiny", extra={"au_pro": 0.5})
     assert entry["steps"] == 4 and entry["file"] == "tiny.teacher.npz"
     manifest = json.loads((shipped / "MANIFEST.json").read_text())
     assert [e["name"] for e in manifest["teachers"]] == ["tiny"]
-    listed = teacher_files.list_teachers()
+    listed = catalog.list_teachers()
     assert [(t["name"], t["origin"]) for t in listed] == [("tiny", "shipped")]
     assert listed[0]["patch_size"] == 17 and listed[0]["out_dim"] == 16
     assert listed[0]["steps"] == 4 and listed[0]["au_pro"] == 0.5
     assert teacher.load_teacher("tiny")[2]["step"] == 4
     # An installed teacher of the same name wins.
-    teacher_files.install_teacher(shipped / "tiny.teacher.npz", "tiny")
-    assert [t["origin"] for t in teacher_files.list_teachers()] == ["installed"]
+    catalog.install_teacher(shipped / "tiny.teacher.npz", "tiny")
+    assert [t["origin"] for t in catalog.list_teachers()] == ["installed"]
     (installed / "tiny.teacher.npz").unlink()
     # A shipped file that does not match its manifest fails loudly.
     data = bytearray((shipped / "tiny.teacher.npz").read_bytes())
@@ -189,10 +193,57 @@ def test_teacher_modules_import_in_one_direction():
     import ast
     from pathlib import Path
 
-    source = Path(teacher_files.__file__).read_text()
-    imported = {
-        node.module
-        for node in ast.walk(ast.parse(source))
-        if isinstance(node, ast.ImportFrom) and node.module
+    def imported(module):
+        tree = ast.parse(Path(module.__file__).read_text())
+        return {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+
+    trainer = "ustad.uninformed_students.teacher.train"
+    assert trainer not in imported(teacher_files) | imported(catalog)
+    # The file format knows nothing of names, workdirs or the catalogue.
+    assert "ustad.uninformed_students.teacher.catalog" not in imported(teacher_files)
+
+
+def test_shipped_dir_is_the_package_teachers_folder():
+    assert catalog.shipped_dir() == Path(ustad.__file__).resolve().parent / "teachers"
+    assert (catalog.shipped_dir() / catalog.MANIFEST).is_file()
+
+
+def test_choose_teachers_prefers_full_width_unless_told(monkeypatch):
+    listed = [{"name": n} for n in ("p33", "p17_small", "p33_small")] + [
+        {"name": "p65_small", "error": "unreadable"}
+    ]
+    monkeypatch.setattr(catalog, "list_teachers", lambda: listed)
+    assert catalog.choose_teachers([17, 33]) == {17: "p17_small", 33: "p33"}
+    assert catalog.choose_teachers([17, 33], "small") == {17: "p17_small", 33: "p33_small"}
+    assert catalog.choose_teachers([17, 33], "33=mine") == {17: "p17_small", 33: "mine"}
+    with pytest.raises(FileNotFoundError, match="no teacher for p=65"):
+        catalog.choose_teachers([65])
+
+
+def test_training_minutes_count_steps_at_their_rates_across_a_resume(tmp_path):
+    records = [
+        {"step": 100, "steps_per_s": 2.0},  # 50 s
+        {"step": 200, "steps_per_s": 1.0},  # 100 s
+        {"step": 260, "steps_per_s": 0.5},  # resumed later: 120 s, not the wall-clock gap
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert catalog.training_minutes(tmp_path) == round(270 / 60, 1)
+
+
+def test_probe_summary_keeps_the_smoothed_figures_of_one_teacher():
+    figures = {"au_pro": 0.8, "pixel_auroc": 0.9, "image_auroc": 0.95, "seconds": 3}
+    line = {
+        "teacher": {"source": "runs/t"},
+        "dataset": "bottle@128",
+        "descriptor": {"figures": {"raw": {}, "smoothed_sigma4": figures}},
+        "distill": {"figures": {"r2_decoder": 0.6, "mean_abs_offdiag_corr": 0.1, "x": 1}},
     }
-    assert "ustad.train.teacher" not in imported and "ustad.train" not in imported
+    other = dict(line, teacher={"source": "random:33:0.125:32"})
+    summary = catalog.probe_summary([line, other], "runs/t")
+    assert summary == {
+        "bottle@128": {
+            "descriptor_probe": {"au_pro": 0.8, "pixel_auroc": 0.9, "image_auroc": 0.95},
+            "r2_decoder": 0.6,
+            "mean_abs_offdiag_corr": 0.1,
+        }
+    }

@@ -24,6 +24,8 @@ import orbax.checkpoint as ocp
 
 PyTree = Any
 logger = logging.getLogger(__name__)
+# Every workdir (teacher, students, STFPM) keeps its checkpoints in this sub-folder.
+CHECKPOINT_SUBDIR = "checkpoints"
 
 
 class _QuietOrbax(logging.Filter):
@@ -176,6 +178,43 @@ class Checkpointer:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def restore_workdir(workdir, formats: tuple[str, ...] = (), *, hint: str = ""):
+    """The newest checkpoint of a workdir that reads back: the one loader of every family.
+
+    Args:
+      workdir: a training workdir (its checkpoints in ``<workdir>/checkpoints``).
+      formats: the metadata ``"format"`` values the caller reads; empty = any.
+      hint: appended to the error when there is no checkpoint (e.g. how to train one).
+
+    Returns:
+      ``(step, state, metadata)``, the state as saved (host arrays).
+
+    Raises:
+      FileNotFoundError: no checkpoint; ValueError: another format, or none reads back.
+    """
+    directory = os.path.join(os.fspath(workdir), CHECKPOINT_SUBDIR)
+    with Checkpointer(directory) as checkpointer:
+        restored = checkpointer.restore_latest()
+    if restored is None:
+        raise FileNotFoundError(f"no checkpoint in {directory}" + (f"; {hint}" if hint else ""))
+    step, state, meta = restored
+    if formats and meta.get("format") not in formats:
+        expected = " or ".join(formats)
+        raise ValueError(f"{directory} holds a {meta.get('format')!r} checkpoint, not {expected}")
+    return step, state, meta
+
+
+def workdir_metadata(workdir) -> dict | None:
+    """The metadata of a workdir's newest intact checkpoint (no arrays read), or ``None`` when
+    it has none."""
+    directory = os.path.join(os.fspath(workdir), CHECKPOINT_SUBDIR)
+    if not os.path.isdir(directory):
+        return None
+    with Checkpointer(directory) as checkpointer:
+        intact = checkpointer.latest_intact()
+    return None if intact is None else intact[1]
 
 
 def _abstract(x):

@@ -1,5 +1,6 @@
-"""Host-side image conversions shared by training, :class:`ustad.scoring.Detector` and the
-exported-model runner (:mod:`ustad.deploy_runtime`).
+"""Host-side image conversions shared by training,
+:class:`ustad.uninformed_students.score.Detector` and the
+exported-model runner (:mod:`ustad.deploy.runtime`).
 
 NumPy and PIL only, so that scoring an exported file imports no Flax, SciPy or dataset readers
 (tests/test_deploy.py checks the imports).
@@ -39,6 +40,15 @@ def as_unit_float(images) -> np.ndarray:
     return images
 
 
+# ITU-R BT.601 luma, as PIL's "L" mode: every RGB → gray conversion in ustad uses these.
+LUMA = (0.299, 0.587, 0.114)
+
+
+def luma(images: np.ndarray) -> np.ndarray:
+    """``[..., 3]`` RGB → ``[..., 1]`` float32 gray (:data:`LUMA` weights)."""
+    return (np.asarray(images, np.float32) @ np.array(LUMA, np.float32))[..., None]
+
+
 def convert_channels(images: np.ndarray, channels: int, *, expected_by="the students"):
     """``[..., C]`` images as ``channels`` channels: gray repeated to RGB, or RGB to luma."""
     if images.shape[-1] == channels:
@@ -46,8 +56,7 @@ def convert_channels(images: np.ndarray, channels: int, *, expected_by="the stud
     if images.shape[-1] == 1 and channels == 3:
         return np.repeat(images, 3, axis=-1)
     if images.shape[-1] == 3 and channels == 1:
-        # Same luma weights as ustad.data.images.read_image(grayscale=True).
-        return (images @ np.array([0.299, 0.587, 0.114], np.float32))[..., None]
+        return luma(images)
     raise ValueError(f"images have {images.shape[-1]} channels; {expected_by} expect {channels}")
 
 

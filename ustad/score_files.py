@@ -78,7 +78,7 @@ def score_files(
     """Score image files and write their maps, overlays and ``scores.csv`` under ``out``.
 
     Args:
-        detector: a :class:`ustad.scoring.Detector`, or an exported model
+        detector: a :class:`ustad.uninformed_students.score.Detector`, or an exported model
             (:class:`ustad.deploy.ExportedDetector`; anything with ``batch_size`` and
             ``score(images) -> (maps, scores)``).
         paths: image files (any size; images of one size are scored together).
@@ -87,7 +87,8 @@ def score_files(
             ``paths`` here.
         vmin, vmax: the overlays' colour scale; default the run's minimum and maximum.
         settings: JSON-ready facts written to ``<out>/scoring.json`` with the colour scale
-            (e.g. the workdirs and :attr:`ustad.scoring.Detector.settings`); None writes none.
+            (e.g. the workdirs and :attr:`ustad.uninformed_students.score.Detector.settings`); None
+            writes none.
 
     Returns:
         ``(maps, scores, (vmin, vmax))``: ``[H_i, W_i]`` maps and ``[N]`` scores in input order.

@@ -13,7 +13,7 @@ sample variances", 1979)::
     mean = mean_a + δ · n_b / n
     M2 = M2_a + M2_b + δ² · n_a · n_b / n
 
-The same moments serve the score normalisation (:mod:`ustad.scoring`), with d = 1.
+The same moments serve the score normalisation (:mod:`ustad.uninformed_students.score`), with d = 1.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ustad.host_images import resize_bilinear
+from ustad.host_images import luma, resize_bilinear
 from ustad.io import atomic_write
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp")
@@ -30,7 +30,6 @@ SQUASH_WARNING_RATIO = 1.5
 logger = logging.getLogger(__name__)
 
 # ITU-R BT.601 luma weights, the same ones PIL uses for RGB -> "L".
-_LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 
 # PIL modes that hold one intensity channel; everything else is converted to RGB.
 _GRAY_MODES = ("1", "L", "LA", "La")
@@ -212,7 +211,7 @@ def read_image(path: str | os.PathLike, *, grayscale: bool = False) -> np.ndarra
         array = array[..., None]
         return array if grayscale else np.repeat(array, 3, axis=-1)
     if grayscale:
-        return (array @ _LUMA)[..., None].astype(np.float32)
+        return luma(array)
     return array
 
 

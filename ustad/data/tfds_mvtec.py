@@ -34,6 +34,7 @@ from ustad.data.mvtec import (
     index_mvtec_category,
     read_test_mask,
 )
+from ustad.host_images import luma
 
 _DESCRIPTION = """\
 MVTec AD: 15 categories of industrial objects and textures; anomaly-free training images and
@@ -199,7 +200,7 @@ def load_mvtec_tfds(
         examples = sorted((source[i] for i in range(len(source))), key=lambda e: e["filename"])
         images = np.stack([e["image"] for e in examples]).astype(np.float32) / 255.0
         if grayscale:
-            images = (images @ np.array([0.299, 0.587, 0.114], np.float32))[..., None]
+            images = luma(images)
         masks = np.stack([e["mask"][..., 0] > 0 for e in examples])
         return images, masks, examples
 

@@ -8,14 +8,18 @@ EfficientNet-B0 without squeeze-and-excitation, with ReLU6 instead of swish and 
 is what XLA's ``"SAME"`` does.
 
 Variable names mirror the package's state dict (``_blocks.3._depthwise_conv`` is Flax module
-``blocks_3/depthwise_conv``), see :func:`convert_efficientnet_lite0`.
+``blocks_3/depthwise_conv``), see :func:`convert_efficientnet_lite0`. BatchNorm uses its running
+statistics unless called with ``train=True``. :func:`stage_maps` is the network's body
+(normalisation, stem, stages) on its own, to be built inside another module: STFPM's pyramid
+(:mod:`ustad.stfpm.nets`) is Lite0 cut after a stage, smaller for tests, with BatchNorm in
+training mode for its students.
 """
 
 from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -32,6 +36,7 @@ __all__ = [
     "convert_efficientnet_lite0",
     "load_efficientnet_lite0",
     "package_weights_path",
+    "stage_maps",
 ]
 
 # (kernel, stride, expand ratio, output channels, repeats) per stage: EfficientNet-B0's table,
@@ -52,7 +57,15 @@ LITE0_STAGES = (
 _INPUT_MEAN = 127.0 / 255.0
 _INPUT_STD = 128.0 / 255.0
 
-_BatchNorm = functools.partial(nn.BatchNorm, use_running_average=True, momentum=0.99, epsilon=1e-3)
+# The TF weights' BatchNorm momentum (Flax's: the weight of the old running average).
+_BN_MOMENTUM = 0.99
+
+
+def _batch_norm(train: bool, momentum: float) -> functools.partial:
+    """TF's BatchNorm (eps 1e-3): running statistics, or batch ones with ``train``."""
+    return functools.partial(
+        nn.BatchNorm, use_running_average=not train, momentum=momentum, epsilon=1e-3
+    )
 
 
 def _same_padding(size: int, kernel: int, strides: int) -> tuple[int, int]:
@@ -102,49 +115,116 @@ class MBConv(nn.Module):
         strides: depthwise stride.
         expand_ratio: hidden channels / input channels (1 means no expansion convolution).
         features: output channels.
+        bn_momentum: Flax momentum of BatchNorm's running averages (used with ``train``).
     """
 
     kernel: int
     strides: int
     expand_ratio: int
     features: int
+    bn_momentum: float = _BN_MOMENTUM
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """Maps ``x: [N, H, W, C]`` to ``[N, ceil(H/strides), ceil(W/strides), features]``."""
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        """Maps ``x: [N, H, W, C]`` to ``[N, ceil(H/strides), ceil(W/strides), features]``.
+
+        ``train``: BatchNorm on batch statistics, updating ``batch_stats``; False (frozen, the
+        default) uses the running averages.
+        """
+        norm = _batch_norm(train, self.bn_momentum)
         hidden = x.shape[-1] * self.expand_ratio
         y = x
         if self.expand_ratio != 1:
             y = nn.Conv(hidden, (1, 1), use_bias=False, name="expand_conv")(y)
-            y = nn.relu6(_BatchNorm(name="bn0")(y))
+            y = nn.relu6(norm(name="bn0")(y))
         y = DepthwiseConv(self.kernel, self.strides, name="depthwise_conv")(y)
-        y = nn.relu6(_BatchNorm(name="bn1")(y))
+        y = nn.relu6(norm(name="bn1")(y))
         y = nn.Conv(self.features, (1, 1), use_bias=False, name="project_conv")(y)
-        y = _BatchNorm(name="bn2")(y)
+        y = norm(name="bn2")(y)
         if self.strides == 1 and x.shape[-1] == self.features:
             y = y + x
         return y
 
 
+def stage_maps(
+    images: jax.Array,
+    *,
+    last_stage: int = 7,
+    stages: Sequence[tuple[int, int, int, int, int]] = LITE0_STAGES,
+    stem: int = 32,
+    normalize: bool = True,
+    train: bool = False,
+    bn_momentum: float = _BN_MOMENTUM,
+) -> dict[str, jax.Array]:
+    """EfficientNet-Lite0's normalisation, stem and stages 1..``last_stage``, without the head.
+
+    Call it inside a module's ``nn.compact`` method: the layers it creates become that module's
+    children, named as in :class:`EfficientNetLite0` (``conv_stem``, ``bn0``, ``blocks_<i>``
+    numbered across stages), so a network cut early holds a subset of Lite0's variables and
+    loads its weights.
+
+    Args:
+        images: ``[N, H, W, 3]`` float RGB in [0, 1].
+        last_stage: the deepest stage built (1-7).
+        stages: the (kernel, stride, expand ratio, channels, repeats) table; smaller ones make
+            tiny test networks.
+        stem: channels of the stem convolution.
+        normalize: map [0, 1] inputs to the (x·255 - 127) / 128 range the weights were trained on.
+        train: BatchNorm on batch statistics (apply with ``mutable=["batch_stats"]``); False
+            uses the running averages.
+        bn_momentum: Flax momentum of BatchNorm's running averages.
+
+    Returns:
+        ``{"stage<s>": [N, h, w, C_s]}`` for s = 1..last_stage, C_s the table's channels and h
+        = H over the product of the strides so far and the stem's 2, rounded up.
+    """
+    x = images.astype(jnp.float32)
+    if normalize:
+        x = (x - _INPUT_MEAN) / _INPUT_STD
+    x = nn.Conv(stem, (3, 3), 2, padding="SAME", use_bias=False, name="conv_stem")(x)
+    x = nn.relu6(_batch_norm(train, bn_momentum)(name="bn0")(x))
+    maps = {}
+    block = 0
+    for stage in range(1, last_stage + 1):
+        kernel, strides, expand, features, repeats = stages[stage - 1]
+        for repeat in range(repeats):
+            x = MBConv(
+                kernel,
+                strides if repeat == 0 else 1,
+                expand,
+                features,
+                bn_momentum,
+                name=f"blocks_{block}",
+            )(x, train)
+            block += 1
+        maps[f"stage{stage}"] = x
+    return maps
+
+
 class EfficientNetLite0(nn.Module):
-    """EfficientNet-Lite0 for inference.
+    """EfficientNet-Lite0, frozen unless called with ``train=True``.
 
     Attributes:
         num_classes: size of the final linear layer (ImageNet: 1000).
         normalize: map [0, 1] inputs to the (x·255 - 127) / 128 range the weights were trained on.
+        bn_momentum: Flax momentum of BatchNorm's running averages (used with ``train``).
     """
 
     num_classes: int = 1000
     normalize: bool = True
+    bn_momentum: float = _BN_MOMENTUM
 
     @nn.compact
     def __call__(
-        self, images: jax.Array, *, return_maps: bool = False
+        self, images: jax.Array, *, train: bool = False, return_maps: bool = False
     ) -> jax.Array | dict[str, jax.Array]:
         """Runs the network.
 
         Args:
             images: ``[N, H, W, 3]`` float RGB in [0, 1] (ImageNet size: 224).
+            train: BatchNorm on batch statistics, updating ``batch_stats`` (apply with
+                ``mutable=["batch_stats"]``); False (frozen, the default) uses the running
+                averages.
             return_maps: also return intermediate maps and the logits.
 
         Returns:
@@ -154,26 +234,11 @@ class EfficientNetLite0(nn.Module):
             up), ``"head" [N, H/32, W/32, 1280]``, ``"pooled" [N, 1280]`` and
             ``"logits" [N, num_classes]``.
         """
-        x = images.astype(jnp.float32)
-        if self.normalize:
-            x = (x - _INPUT_MEAN) / _INPUT_STD
-        x = nn.Conv(32, (3, 3), 2, padding="SAME", use_bias=False, name="conv_stem")(x)
-        x = nn.relu6(_BatchNorm(name="bn0")(x))
-        maps = {}
-        block = 0
-        for stage, (kernel, strides, expand, features, repeats) in enumerate(LITE0_STAGES, 1):
-            for repeat in range(repeats):
-                x = MBConv(
-                    kernel,
-                    strides if repeat == 0 else 1,
-                    expand,
-                    features,
-                    name=f"blocks_{block}",
-                )(x)
-                block += 1
-            maps[f"stage{stage}"] = x
-        x = nn.Conv(1280, (1, 1), use_bias=False, name="conv_head")(x)
-        x = nn.relu6(_BatchNorm(name="bn1")(x))
+        maps = stage_maps(
+            images, normalize=self.normalize, train=train, bn_momentum=self.bn_momentum
+        )
+        x = nn.Conv(1280, (1, 1), use_bias=False, name="conv_head")(maps["stage7"])
+        x = nn.relu6(_batch_norm(train, self.bn_momentum)(name="bn1")(x))
         pooled = jnp.mean(x, axis=(1, 2))
         # Built always so the file's _fc weights have a home; dead code under jit when unused.
         logits = nn.Dense(self.num_classes, name="fc")(pooled)

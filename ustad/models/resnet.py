@@ -2,16 +2,20 @@
 
 The paper's pretrained network P is an ImageNet ResNet-18 whose 512-d globally average-pooled
 feature the teacher is distilled from (paper.md §3). This module reproduces torchvision's
-``resnet18`` for inference: BatchNorm uses its running statistics (eps 1e-5), convolutions and
-max pooling pad symmetrically exactly as torchvision does, so a converted torchvision state dict
-gives the same outputs.
+``resnet18``: BatchNorm uses its running statistics (eps 1e-5) unless called with
+``train=True``, convolutions and max pooling pad symmetrically exactly as torchvision does, so a
+converted torchvision state dict gives the same outputs.
+
+:func:`stage_maps` is the network's body (normalisation, stem, stages) on its own, to be built
+inside another module: STFPM's pyramid (:mod:`ustad.stfpm.nets`) is ResNet-18 cut after a stage,
+narrower for tests, with BatchNorm in training mode for its students.
 """
 
 from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -25,16 +29,28 @@ __all__ = [
     "IMAGENET_STD",
     "BasicBlock",
     "Conv",
+    "RESNET18_WIDTHS",
     "ResNet18",
     "convert_torchvision_resnet18",
     "load_resnet18",
+    "stage_maps",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-# Inference only: P is a frozen feature extractor, so BatchNorm always uses running statistics.
-_BatchNorm = functools.partial(nn.BatchNorm, use_running_average=True, momentum=0.9, epsilon=1e-5)
+# Channels of the stem and of stages 1-4 (torchvision's conv1, layer1..layer4).
+RESNET18_WIDTHS = (64, 64, 128, 256, 512)
+
+
+def _batch_norm(train: bool, momentum: float) -> functools.partial:
+    """torch's ``BatchNorm2d`` (eps 1e-5): running statistics, or batch ones with ``train``.
+
+    ``momentum`` is Flax's, the weight of the old running average (torch's 0.1 is 0.9 here).
+    """
+    return functools.partial(
+        nn.BatchNorm, use_running_average=not train, momentum=momentum, epsilon=1e-5
+    )
 
 
 class Conv(nn.Module):
@@ -89,44 +105,103 @@ class BasicBlock(nn.Module):
     Attributes:
         features: output channels.
         strides: stride of the first convolution and of the projection shortcut.
+        bn_momentum: Flax momentum of BatchNorm's running averages (used with ``train``).
     """
 
     features: int
     strides: int = 1
+    bn_momentum: float = 0.9
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """Maps ``x: [N, H, W, C]`` to ``[N, H/strides, W/strides, features]``."""
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        """Maps ``x: [N, H, W, C]`` to ``[N, H/strides, W/strides, features]``.
+
+        ``train``: BatchNorm on batch statistics, updating ``batch_stats``; False (frozen, the
+        default) uses the running averages.
+        """
+        norm = _batch_norm(train, self.bn_momentum)
         y = Conv(self.features, 3, self.strides, padding=1, name="conv1")(x)
-        y = nn.relu(_BatchNorm(name="bn1")(y))
+        y = nn.relu(norm(name="bn1")(y))
         y = Conv(self.features, 3, padding=1, name="conv2")(y)
-        y = _BatchNorm(name="bn2")(y)
+        y = norm(name="bn2")(y)
         shortcut = x
         if self.strides != 1 or x.shape[-1] != self.features:
             shortcut = Conv(self.features, 1, self.strides, name="downsample_conv")(x)
-            shortcut = _BatchNorm(name="downsample_bn")(shortcut)
+            shortcut = norm(name="downsample_bn")(shortcut)
         return nn.relu(y + shortcut)
 
 
+def stage_maps(
+    images: jax.Array,
+    *,
+    last_stage: int = 4,
+    widths: Sequence[int] = RESNET18_WIDTHS,
+    blocks: int = 2,
+    normalize: bool = True,
+    train: bool = False,
+    bn_momentum: float = 0.9,
+) -> dict[str, jax.Array]:
+    """ResNet-18's normalisation, stem and stages 1..``last_stage``, without the head.
+
+    Call it inside a module's ``nn.compact`` method: the layers it creates become that module's
+    children, named as in :class:`ResNet18` (``conv1``, ``bn1``, ``layer<stage>_<block>``), so a
+    network cut early holds a subset of ResNet-18's variables and loads its weights.
+
+    Args:
+        images: ``[N, H, W, 3]`` float RGB in [0, 1].
+        last_stage: the deepest stage built (1-4).
+        widths: channels of the stem and of stages 1-4; narrower ones make tiny test networks.
+        blocks: residual blocks per stage.
+        normalize: apply the ImageNet mean/std normalisation torchvision's weights expect.
+        train: BatchNorm on batch statistics (apply with ``mutable=["batch_stats"]``); False
+            uses the running averages.
+        bn_momentum: Flax momentum of BatchNorm's running averages.
+
+    Returns:
+        ``{"layer<s>": [N, ceil(H/2^(s+1)), ceil(W/2^(s+1)), widths[s]]}`` for s = 1..last_stage.
+    """
+    x = images.astype(jnp.float32)
+    if normalize:
+        x = (x - jnp.asarray(IMAGENET_MEAN)) / jnp.asarray(IMAGENET_STD)
+    x = Conv(widths[0], 7, 2, padding=3, name="conv1")(x)
+    x = nn.relu(_batch_norm(train, bn_momentum)(name="bn1")(x))
+    # Padding with -inf (nn.max_pool's pad value) equals torch's max pool padding.
+    x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
+    maps = {}
+    for stage in range(1, last_stage + 1):
+        for index in range(blocks):
+            strides = 2 if stage > 1 and index == 0 else 1
+            x = BasicBlock(widths[stage], strides, bn_momentum, name=f"layer{stage}_{index}")(
+                x, train
+            )
+        maps[f"layer{stage}"] = x
+    return maps
+
+
 class ResNet18(nn.Module):
-    """torchvision's ResNet-18 for inference.
+    """torchvision's ResNet-18, frozen unless called with ``train=True``.
 
     Attributes:
         num_classes: size of the final linear layer (ImageNet: 1000).
         normalize: apply the ImageNet mean/std normalisation torchvision's weights expect.
+        bn_momentum: Flax momentum of BatchNorm's running averages (used with ``train``).
     """
 
     num_classes: int = 1000
     normalize: bool = True
+    bn_momentum: float = 0.9
 
     @nn.compact
     def __call__(
-        self, images: jax.Array, *, return_maps: bool = False
+        self, images: jax.Array, *, train: bool = False, return_maps: bool = False
     ) -> jax.Array | dict[str, jax.Array]:
         """Runs the network.
 
         Args:
             images: ``[N, H, W, 3]`` float RGB in [0, 1] (any size ≥ 1; 224 is ImageNet's).
+            train: BatchNorm on batch statistics, updating ``batch_stats`` (apply with
+                ``mutable=["batch_stats"]``); False (frozen, the default) uses the running
+                averages.
             return_maps: also return the intermediate feature maps and the logits.
 
         Returns:
@@ -135,20 +210,10 @@ class ResNet18(nn.Module):
             ``"layer3" [.., /16, 256]``, ``"layer4" [.., /32, 512]`` (sizes rounded up),
             ``"pooled" [N, 512]`` and ``"logits" [N, num_classes]``.
         """
-        x = images.astype(jnp.float32)
-        if self.normalize:
-            x = (x - jnp.asarray(IMAGENET_MEAN)) / jnp.asarray(IMAGENET_STD)
-        x = Conv(64, 7, 2, padding=3, name="conv1")(x)
-        x = nn.relu(_BatchNorm(name="bn1")(x))
-        # Padding with -inf (nn.max_pool's pad value) equals torch's max pool padding.
-        x = nn.max_pool(x, (3, 3), (2, 2), padding=((1, 1), (1, 1)))
-        maps = {}
-        for stage, features in enumerate((64, 128, 256, 512), start=1):
-            for index in range(2):
-                strides = 2 if stage > 1 and index == 0 else 1
-                x = BasicBlock(features, strides, name=f"layer{stage}_{index}")(x)
-            maps[f"layer{stage}"] = x
-        pooled = jnp.mean(x, axis=(1, 2))
+        maps = stage_maps(
+            images, normalize=self.normalize, train=train, bn_momentum=self.bn_momentum
+        )
+        pooled = jnp.mean(maps["layer4"], axis=(1, 2))
         # The classifier is always built so torchvision's fc weights have somewhere to go; under
         # jit it costs nothing when only `pooled` is used.
         logits = nn.Dense(self.num_classes, name="fc")(pooled)

@@ -40,12 +40,12 @@ __all__ = [
     "load_torch",
 ]
 
-_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
-_LEGACY_PROTOCOL_VERSION = 1001
+LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+LEGACY_PROTOCOL_VERSION = 1001
 
 # torch typed-storage class name -> NumPy dtype. Storages are raw bytes in the saving machine's
 # byte order (recorded for zip files, assumed little-endian for legacy ones).
-_STORAGE_DTYPES: dict[str, np.dtype] = {
+STORAGE_DTYPES: dict[str, np.dtype] = {
     "DoubleStorage": np.dtype(np.float64),
     "FloatStorage": np.dtype(np.float32),
     "HalfStorage": np.dtype(np.float16),
@@ -58,7 +58,7 @@ _STORAGE_DTYPES: dict[str, np.dtype] = {
     "BoolStorage": np.dtype(np.bool_),
 }
 
-_SAFETENSORS_DTYPES: dict[str, np.dtype] = {
+SAFETENSORS_DTYPES: dict[str, np.dtype] = {
     "F64": np.dtype(np.float64),
     "F32": np.dtype(np.float32),
     "F16": np.dtype(np.float16),
@@ -117,7 +117,7 @@ def _safe_globals() -> dict[tuple[str, str], Any]:
         ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
         ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
     }
-    for name, dtype in _STORAGE_DTYPES.items():
+    for name, dtype in STORAGE_DTYPES.items():
         allowed["torch", name] = _StorageType(dtype)
     return allowed
 
@@ -251,10 +251,10 @@ def _read_legacy_torch(path: str) -> dict[str, np.ndarray]:
         with io.BytesIO(data) as f:
             # Every pickle, the small header ones too, goes through the restricted unpickler.
             magic = _RestrictedUnpickler(f, path, legacy=True).load()
-            if magic != _LEGACY_MAGIC:
+            if magic != LEGACY_MAGIC:
                 raise WeightFileError(f"{path}: a pickle, but not a torch.save file")
             version = _RestrictedUnpickler(f, path, legacy=True).load()
-            if version != _LEGACY_PROTOCOL_VERSION:
+            if version != LEGACY_PROTOCOL_VERSION:
                 raise WeightFileError(f"{path}: unsupported torch legacy version {version}")
             sys_info = _RestrictedUnpickler(f, path, legacy=True).load()
             if not sys_info.get("little_endian", True):
@@ -309,7 +309,7 @@ def load_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
         if name == "__metadata__":
             continue
         try:
-            dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+            dtype = SAFETENSORS_DTYPES[info["dtype"]]
             shape = tuple(int(n) for n in info["shape"])
             begin, end = (int(n) for n in info["data_offsets"])
         except (KeyError, TypeError, ValueError) as err:

@@ -20,16 +20,16 @@ import numpy as np
 
 # The format constants live next to the reader, so reading and writing cannot drift apart.
 from ustad.models.torch_io import (
-    _LEGACY_MAGIC,
-    _LEGACY_PROTOCOL_VERSION,
-    _SAFETENSORS_DTYPES,
-    _STORAGE_DTYPES,
+    LEGACY_MAGIC,
+    LEGACY_PROTOCOL_VERSION,
+    SAFETENSORS_DTYPES,
+    STORAGE_DTYPES,
 )
 
 __all__ = ["save_safetensors", "save_torch"]
 
-_STORAGE_NAMES = {dtype: name for name, dtype in _STORAGE_DTYPES.items()}
-_SAFETENSORS_NAMES = {dtype: name for name, dtype in _SAFETENSORS_DTYPES.items()}
+_STORAGE_NAMES = {dtype: name for name, dtype in STORAGE_DTYPES.items()}
+_SAFETENSORS_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 
 
 class _PickleEmitter:
@@ -162,10 +162,10 @@ def save_torch(
     main = _PickleEmitter().state_dict(entries, legacy)
     if legacy:
         with open(path, "wb") as f:
-            f.write(pickle.dumps(_LEGACY_MAGIC, protocol=2))
-            f.write(pickle.dumps(_LEGACY_PROTOCOL_VERSION, protocol=2))
+            f.write(pickle.dumps(LEGACY_MAGIC, protocol=2))
+            f.write(pickle.dumps(LEGACY_PROTOCOL_VERSION, protocol=2))
             sys_info = {
-                "protocol_version": _LEGACY_PROTOCOL_VERSION,
+                "protocol_version": LEGACY_PROTOCOL_VERSION,
                 "little_endian": True,
                 "type_sizes": {"short": 2, "int": 4, "long": 4},
             }

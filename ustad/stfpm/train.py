@@ -1,0 +1,389 @@
+"""Training STFPM students (Wang et al., BMVC 2021) on anomaly-free images.
+
+A frozen ImageNet teacher (:mod:`ustad.stfpm.nets`: EfficientNet-Lite0 offline, ResNet-18 as
+the paper) and M randomly initialised students of the same architecture (M = 1 is the paper;
+M > 1 adds Uninformed Students' error + variance score, :mod:`ustad.stfpm.maps`), trained with SGD
+(lr 0.4, momentum 0.9, weight decay 1e-4, batch 32, 100 epochs by default: the authors' code)
+to match the teacher's L2-normalised pyramid. Validation (``config.val_fraction`` of
+``train/good``, 20 % as the authors' code) gives each student's loss after every epoch; with
+``config.select = "best_val"`` each student keeps its epoch of lowest validation loss (the
+authors keep the epoch of the lowest mean validation anomaly map), and the per-level
+statistics of e and v on it normalise the ensemble score.
+
+Workdir layout::
+
+    <workdir>/checkpoints/<step>/   students (params, BatchNorm statistics, SGD momentum), the
+                                    best epoch's students, a teacher copy (arrays) + config,
+                                    network, score settings and normalisation (JSON metadata)
+    <workdir>/metrics.jsonl          losses, throughput, validation losses
+
+The metadata say ``"family": "stfpm"``: :mod:`ustad.families` dispatches on it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from ustad import sharding as shd
+from ustad.checkpointing import CHECKPOINT_SUBDIR, Checkpointer
+from ustad.ensemble import resolve_member_strategy
+from ustad.host_images import convert_channels
+from ustad.stfpm import maps as stfpm
+from ustad.stfpm.checkpoints import (
+    RESUME_SETTINGS,
+    STFPMModel,
+    check_compatible,
+    model_from_state,
+    teacher_from_config,
+)
+from ustad.stfpm.nets import pyramid_net, pyramid_spec
+from ustad.stfpm.steps import (
+    init_students,
+    keep_best_fn,
+    make_optimizer,
+    make_train_step,
+    score_normalization,
+    teacher_cache,
+    validation_loss_fn,
+    validation_losses,
+)
+from ustad.training import (
+    Every,
+    Hook,
+    Log,
+    Saves,
+    check_images,
+    check_member_losses,
+    data_fingerprint,
+    epoch_batches,
+    hold_out,
+    member_losses,
+    process_writer,
+    resume,
+    run_key,
+    run_loop,
+)
+
+__all__ = ["RESUME_SETTINGS", "train_and_evaluate", "train_stfpm"]
+
+
+PyTree = Any
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Run:
+    """What a run is, fixed before its first step (and the same when it resumes)."""
+
+    train_images: np.ndarray  # [N, H, W, 3]
+    val_images: np.ndarray  # [V, H, W, 3] for validation and the score normalisation; may be empty
+    network: Any  # the pyramid network (teacher and students), :func:`pyramid_net`
+    tx: Any  # the students' optimizer
+    mesh: jax.sharding.Mesh
+    shard_members: bool
+    strategy: str  # how the M students run in a step (resolve_member_strategy)
+    steps_per_epoch: int
+    total_steps: int
+    select_best: bool  # each student keeps its epoch of lowest validation loss
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return tuple(int(s) for s in self.train_images.shape[1:3])
+
+    @property
+    def put(self):
+        return functools.partial(shd.shard_batch, mesh=self.mesh)
+
+
+def train_stfpm(
+    config: ml_collections.ConfigDict,
+    workdir: str | os.PathLike,
+    images: np.ndarray,
+    *,
+    val_images: np.ndarray | None = None,
+) -> STFPMModel:
+    """Train (or resume, or load when finished) STFPM students on in-memory images.
+
+    Args:
+        config: see ``configs/stfpm.py``.
+        workdir: checkpoints and metrics; a run found there is resumed.
+        images: ``[N, H, W, C]`` float32 in [0, 1] (or uint8), anomaly-free; C = 1 is
+            repeated to RGB.
+        val_images: anomaly-free images for validation and the score normalisation; None
+            holds out ``config.val_fraction`` of ``images`` (split by ``config.seed``).
+
+    Returns:
+        The trained :class:`~ustad.stfpm.checkpoints.STFPMModel`.
+    """
+    workdir = Path(workdir)
+    images = convert_channels(check_images(images), 3)
+    if val_images is not None:
+        val_images = convert_channels(check_images(val_images), 3)
+    fingerprint = data_fingerprint(images)
+    key = run_key(config.seed, config.get("prng_impl", "threefry2x32"))
+    train_images, val_images = hold_out(images, val_images, config.val_fraction, config.seed)
+    stfpm.check_score(config.score, config.combination)
+    if config.select not in ("best_val", "last"):
+        raise ValueError(f"--config.select={config.select!r}: 'best_val' or 'last'")
+    network = pyramid_net(
+        config.backbone, tiny=config.get("tiny", False), levels=config.get("levels", None)
+    )
+    teacher, teacher_source = teacher_from_config(config, network, jax.random.fold_in(key, 2))
+    run = _setup(config, network, train_images, val_images)
+    state = _initial_state(config, run, teacher, key)
+    base_meta = _base_meta(config, run, teacher_source, fingerprint)
+
+    def compatible(meta):  # checked before any array is read
+        check_compatible(meta, config, run.image_size, workdir, fingerprint)
+
+    keep = config.get("keep_checkpoints", 2)
+    with (
+        Checkpointer(workdir / CHECKPOINT_SUBDIR, max_to_keep=keep) as checkpointer,
+        process_writer(workdir) as writer,
+    ):
+        start_step, state, meta = resume(checkpointer, state, compatible)
+        if start_step:
+            logger.info("resuming %s at step %d of %d", workdir, start_step, run.total_steps)
+        if "score_normalization" in meta and start_step == run.total_steps:
+            normalization = meta["score_normalization"]
+            return model_from_state(network, state, run.image_size, config, normalization)
+        t0 = time.perf_counter() - float(meta.get("train_seconds", 0.0))
+        state = _train_loop(config, run, state, start_step, checkpointer, writer, base_meta, t0)
+        return _finish(config, run, state, checkpointer, writer, base_meta, t0, workdir)
+
+
+def _setup(config, network, train_images, val_images) -> _Run:
+    """The run's mesh, optimizer and steps, checked against the images."""
+    mesh, shard_members = shd.training_mesh(config, config.num_students)
+    batch_size = config.batch_size
+    if batch_size > len(train_images):
+        raise ValueError(f"batch_size={batch_size} > {len(train_images)} training images")
+    steps_per_epoch = len(train_images) // batch_size  # full batches only
+    return _Run(
+        train_images,
+        val_images,
+        network,
+        make_optimizer(config.learning_rate, config.momentum, config.weight_decay),
+        mesh,
+        shard_members,
+        resolve_member_strategy(config.member_strategy, sharded=shard_members, network="pyramid"),
+        steps_per_epoch,
+        config.epochs * steps_per_epoch,
+        select_best=config.select == "best_val" and len(val_images) > 0,
+    )
+
+
+def _initial_state(config, run: _Run, teacher: PyTree, key: jax.Array) -> PyTree:
+    """Fresh students, the teacher and (with ``select_best``) the best students so far."""
+    members = shd.member_sharding(run.mesh, run.shard_members)
+    key = jax.random.fold_in(key, 0)
+    students = init_students(run.network, run.tx, key, config.num_students, members)
+    state = {"students": students, "teacher": shd.put_replicated(teacher, run.mesh)}
+    if run.select_best:
+        m = config.num_students
+        state["best"] = {
+            # Copies: the step donates the students' buffers.
+            "params": jax.tree.map(jnp.copy, students["params"]),
+            "batch_stats": jax.tree.map(jnp.copy, students["batch_stats"]),
+            "val_loss": shd.put_replicated(np.full(m, np.inf, np.float32), run.mesh),
+            "epoch": shd.put_replicated(np.full(m, -1, np.int32), run.mesh),
+        }
+    return state
+
+
+def _base_meta(config, run: _Run, teacher_source: str, fingerprint: str) -> dict:
+    """The JSON metadata of every checkpoint of the run."""
+    return {
+        "format": stfpm.FORMAT,
+        "family": stfpm.FAMILY,
+        "network": pyramid_spec(run.network),
+        "levels": list(run.network.level_names),
+        "image_size": list(run.image_size),
+        "channels": 3,
+        "num_students": int(config.num_students),
+        "score": config.score,
+        "combination": config.combination,
+        "teacher_source": teacher_source,
+        "train_images": len(run.train_images),
+        "val_images": len(run.val_images),
+        "steps_per_epoch": run.steps_per_epoch,
+        "total_steps": run.total_steps,
+        "data_fingerprint": fingerprint,
+        "config": json.loads(config.to_json_best_effort()),
+    }
+
+
+def _train_loop(config, run: _Run, state, start_step, checkpointer, writer, base_meta, t0):
+    """Epochs ``start_step // steps_per_epoch … config.epochs − 1``: steps, validation after
+    each epoch (and the best students kept), a checkpoint at each epoch's end; returns the
+    final state."""
+    cache = _teacher_cache(config, run, state["teacher"])
+    step_fn = make_train_step(
+        run.network,
+        run.tx,
+        level_weights=config.get("level_weights", None),
+        cached_targets=cache is not None,
+        mesh=run.mesh,
+        shard_members=run.shard_members,
+        member_strategy=run.strategy,
+    )
+    if writer:
+        writer.write(
+            start_step,
+            teacher_cache=cache is not None,
+            steps_per_epoch=run.steps_per_epoch,
+            train_images=len(run.train_images),
+        )
+
+    def step(state, batch, _):
+        third = state["teacher"] if cache is None else batch["t"]
+        students, losses = step_fn(state["students"], batch["image"], third)
+        return dict(state, students=students), losses
+
+    data = {"image": run.train_images} if cache is None else {"image": run.train_images, "t": cache}
+    batches = epoch_batches(
+        data,
+        config.batch_size,
+        seed=config.seed,
+        sharding=shd.batch_sharding(run.mesh),
+        start_step=start_step,
+        total_steps=run.total_steps,
+    )
+    spe = run.steps_per_epoch
+
+    def metadata(step):
+        seconds = time.perf_counter() - t0
+        return dict(base_meta, step=step, epoch=step // spe - 1, train_seconds=seconds)
+
+    return run_loop(
+        step,
+        state,
+        batches,
+        start_step=start_step,
+        total_steps=run.total_steps,
+        steps_per_epoch=spe,
+        check=check_member_losses,
+        # The mean loss in float64, as this trainer always wrote it.
+        log=Log.images(
+            writer,
+            Every(config.log_every_steps, epochs=1),
+            "STFPM",
+            config.batch_size,
+            values=lambda losses: member_losses(np.asarray(losses, np.float64)),
+        ),
+        saves=Saves(checkpointer, Every(epochs=config.get("checkpoint_every_epochs", 1)), metadata),
+        hooks=[_validation(config, run, writer)] if len(run.val_images) else [],
+    )
+
+
+def _teacher_cache(config, run: _Run, teacher: PyTree) -> PyTree | None:
+    """The teacher's maps of every training image (:func:`teacher_cache`: one
+    ``[N, h_l, w_l, C_l]`` float32 host array per level), or None when
+    ``config.teacher_cache`` is ``"none"`` or they would not fit (the teacher then runs in
+    every step)."""
+    if config.get("teacher_cache", "auto") == "none":
+        return None
+    return teacher_cache(
+        run.network,
+        teacher,
+        run.train_images,
+        batch_size=config.eval_batch_size,
+        max_bytes=config.get("teacher_cache_max_gb", 4.0) * 1e9,
+        put=run.put,
+    )
+
+
+def _validation(config, run: _Run, writer) -> Hook:
+    """After every ``config.eval_every_epochs``-th epoch and the last: each student's
+    validation loss, written, and (``select_best``) its best epoch kept."""
+    weights = config.get("level_weights", None)
+    weights = None if weights is None else tuple(weights)
+    loss_fn = validation_loss_fn(run.network, weights, run.strategy)
+    keep_best = keep_best_fn()
+
+    def validate(step: int, state: PyTree) -> PyTree:
+        epoch = step // run.steps_per_epoch - 1
+        students = state["students"]
+        val = validation_losses(
+            loss_fn,
+            state["teacher"],
+            students,
+            run.val_images,
+            batch_size=config.eval_batch_size,
+            put=run.put,
+        )
+        if run.select_best:
+            val_loss = jnp.asarray(val, jnp.float32)
+            state = dict(state, best=keep_best(state["best"], students, val_loss, epoch))
+        if writer:
+            per_student = {f"val_loss_{i}": float(v) for i, v in enumerate(val)}
+            writer.write(step, epoch=epoch, val_loss=float(val.mean()), **per_student)
+        return state
+
+    return Hook(Every(epochs=config.eval_every_epochs, final=True), validate)
+
+
+def _finish(config, run: _Run, state, checkpointer, writer, base_meta, t0, workdir) -> STFPMModel:
+    """The kept students' score normalisation (per-level statistics of e and v on the held-out
+    images), saved with them as the run's last checkpoint."""
+    final = state["students"]
+    if run.select_best:
+        best = state["best"]
+        final = dict(final, params=best["params"], batch_stats=best["batch_stats"])
+    students = {"params": final["params"], "batch_stats": final["batch_stats"]}
+    norm_images = run.val_images if len(run.val_images) else run.train_images
+    normalization = score_normalization(
+        run.network,
+        {"teacher": state["teacher"], "students": students},
+        norm_images,
+        run.image_size,
+        batch_size=config.eval_batch_size,
+        put=run.put,
+        strategy=run.strategy,
+    )
+    if not np.isfinite(normalization).all():
+        raise FloatingPointError(
+            f"the STFPM students in {workdir}: non-finite score statistics {normalization}; "
+            f"lower --config.learning_rate and use a new workdir"
+        )
+    state = dict(state, students=final)
+    elapsed = time.perf_counter() - t0
+    selected = shd.to_host(state["best"]["epoch"]).tolist() if run.select_best else None
+    meta = dict(
+        base_meta,
+        step=run.total_steps,
+        train_seconds=elapsed,
+        selected_epochs=selected or [config.epochs - 1] * config.num_students,
+        score_normalization=normalization.tolist(),
+        normalization_images=len(norm_images),
+        normalization_source="validation" if len(run.val_images) else "train",
+    )
+    checkpointer.save(run.total_steps, state, meta)
+    if writer:
+        writer.write(run.total_steps, train_seconds=elapsed, selected_epochs=str(selected))
+    return model_from_state(run.network, state, run.image_size, config, normalization)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike):
+    """Train STFPM on ``config.data_dir/config.category/train/good`` (MVTec layout; ``test/``
+    and ``ground_truth/`` are not read), resized to ``config.image_size``.
+
+    Returns:
+        The trained :class:`~ustad.stfpm.checkpoints.STFPMModel`.
+    """
+    from ustad.data.mvtec import load_mvtec_train
+
+    images, _ = load_mvtec_train(config.data_dir, config.category, image_size=config.image_size)
+    return train_stfpm(config, workdir, images)

@@ -1,0 +1,251 @@
+"""Uninformed Students' settings: the paper's teacher (§3) and students (§4), and their presets.
+
+The shared bases of the files in ``configs/`` (``students.py``, ``teacher.py``, ``demo.py``,
+``paper_mvtec.py``, ``paper_one_class.py``), which build on these instead of importing each
+other. Only the trainers and the CLI read the resulting ``ml_collections.ConfigDict`` s.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+# Students.
+PATCH_SIZES = {"p17": (17,), "p33": (33,), "p65": (65,), "multiscale": (17, 33, 65)}
+# Epochs per scale of the ``cpu`` preset (a p = 33 step costs ~2× a p = 17 one on CPU).
+CPU_EPOCHS = {"p17": 10, "p33": 12}
+
+
+def students_base_config() -> ml_collections.ConfigDict:
+    """The paper's settings; every other config starts from these."""
+    config = ml_collections.ConfigDict()
+    # Data: an MVTec-AD-layout category; train/good is split into training and validation.
+    config.data_dir = "data/mvtec_ad"
+    config.category = "bottle"
+    # An int (square) or "(H, W)"; keep_aspect: the short side to image_size, the long side
+    # by the same factor, both rounded to the pooling stride (non-square inspection images).
+    config.image_size = ml_collections.FieldReference(256, field_type=object)
+    config.keep_aspect = False
+    config.grayscale = False
+    config.val_fraction = 0.1  # paper: "a validation set"; its size is unstated
+    config.synthetic_data = False  # write a synthetic category into data_dir first (smoke)
+
+    # Networks. The teacher: a name (the teachers shipped with ustad: `ustad teachers` lists
+    # them), a teacher file or a teacher workdir; "{p}" is replaced by the patch size; "random"
+    # = an untrained teacher (smoke only).
+    config.patch_sizes = (65,)
+    config.teacher_workdir = "p{p}"
+    config.teacher_widths = None  # only for a random teacher: None = paper widths
+    config.out_dim = 128  # only for a random teacher; a loaded teacher brings its own
+    config.num_students = 3  # M
+
+    # Optimisation (paper §4): Adam 1e-4, weight decay 1e-5 (L2, as PyTorch), batch 1.
+    config.epochs = 100
+    config.batch_size = 1
+    config.learning_rate = 1e-4
+    config.weight_decay = 1e-5
+    # Options beyond the paper (benchmarks/convergence.py measures them; RESULTS.md):
+    # lr_schedule "constant" (paper) or "cosine" (decay to 0 at the last step), after a linear
+    # warm-up of warmup_steps; crop_size c > 0 trains each step on batch_size exact-context
+    # c×c crops of different images instead of whole images (crops.py).
+    config.lr_schedule = "constant"
+    config.warmup_steps = 0
+    config.crop_size = 0
+    config.compute_dtype = "float32"  # "bfloat16": students in bf16, params/loss in float32
+    config.padding = "reflect"  # mode of the p − 1 padding of dense extraction (dense.py)
+    # How the M students are run in the step: "vmap" (batched) or "sequential" (one after another
+    # in one program); "auto" = sequential on CPU (measured faster), vmap on accelerators.
+    config.member_strategy = "auto"
+    config.seed = 0
+    config.prng_impl = "threefry2x32"  # "rbg": faster to compile on CPU, sharding-dependent
+
+    # Teacher targets: "auto" caches them in float32 if they fit in the budget, else float16,
+    # else runs the teacher in every step ("none"). Budget 0 = half the available host memory.
+    config.target_cache = "auto"
+    config.target_cache_max_gb = 0.0
+    config.stats_batch_size = 4  # images per teacher call (statistics, cache)
+    config.eval_batch_size = 4  # images per call for the score normalisation
+
+    # Devices: a ("data", "ensemble") mesh over num_devices (0 = all) devices.
+    config.num_devices = 0
+    config.ensemble_axis_size = 1  # > 1 splits the M students over that many devices
+
+    # Bookkeeping.
+    config.checkpoint_every_steps = 0  # 0 = at the end of every epoch
+    config.keep_checkpoints = 2
+    config.log_every_steps = 50
+    return config
+
+
+def students_config(arg: str = "p65") -> ml_collections.ConfigDict:
+    """The students' configs by name: ``p17``, ``p33``, ``p65``, ``multiscale`` (each also with
+    ``_small``: the shipped small teachers), ``cpu`` (the 2-CPU-core preset) and ``smoke``.
+
+    ``configs/students.py`` says each one's command, runtime and result.
+
+    Raises:
+      ValueError: for an unknown name.
+    """
+    config = students_base_config()
+    if arg in PATCH_SIZES:
+        config.patch_sizes = PATCH_SIZES[arg]
+        return config
+    if arg == "cpu":
+        # The most bottle AU-PRO measured per CPU-minute (benchmarks/convergence.py, RESULTS.md
+        # "Students per CPU-minute"): the shipped small teachers at 128², p = 17 and 33 (p65_small
+        # reached only 0.53 in 10 minutes; 256² gave p = 17 0.64 after 8 epochs against 0.76 at
+        # 128²), whole images in pairs at a constant Adam rate of 3e-3 (30× the paper's: 1e-3
+        # plateaued lower, 1e-2 broke the students; a cosine decay and exact-context crops both
+        # measured worse), epochs per scale sized to ~30 minutes of training on 2 AVX2 CPU cores.
+        config.image_size = 128
+        config.patch_sizes = (17, 33)
+        config.teacher_workdir = "p{p}_small"
+        config.batch_size = 2
+        config.learning_rate = 3e-3
+        config.epochs = CPU_EPOCHS["p33"]
+        config.scale_epochs = dict(CPU_EPOCHS)
+        return config
+    if arg.endswith("_small") and arg[: -len("_small")] in PATCH_SIZES:
+        # The shipped small teachers (⅛ widths, d = 32); students share their architecture.
+        config.patch_sizes = PATCH_SIZES[arg[: -len("_small")]]
+        config.teacher_workdir = "p{p}_small"
+        return config
+    if arg == "smoke":
+        config.data_dir = "/tmp/ustad_smoke_data"
+        config.category = "synthetic"
+        config.synthetic_data = True
+        config.image_size = 32
+        config.patch_sizes = (17,)
+        config.teacher_workdir = "random"
+        config.teacher_widths = 1 / 16
+        config.out_dim = 8
+        config.epochs = 2
+        config.batch_size = 2
+        config.num_devices = 1
+        config.val_fraction = 0.25
+        config.log_every_steps = 2
+        return config
+    raise ValueError(
+        f"unknown config {arg!r}; choose p17, p33, p65, multiscale (each also with _small), cpu or "
+        f"smoke"
+    )
+
+
+# Teachers.
+SMALL_WIDTHS = 0.125
+SMALL_OUT_DIM = 32
+
+
+def teacher_base_config() -> ml_collections.ConfigDict:
+    """The paper's settings; every other config starts from these."""
+    config = ml_collections.ConfigDict()
+    # T̂: the paper's patch network for p; widths None = paper widths (a float scales them).
+    config.patch_size = 65
+    config.out_dim = 128
+    # A placeholder, so that --config.widths=0.125 can override it on the command line.
+    config.widths = ml_collections.config_dict.placeholder(float)
+    config.channels = 3  # 1: grayscale teacher (T̂ sees luma; P sees it repeated to RGB)
+
+    # P: an ImageNet network. The paper uses ResNet-18 (512-d), whose weights need a download;
+    # EfficientNet-Lite0 (1280-d) ships with a pip package and works offline.
+    config.backbone = "efficientnet_lite0"
+    config.backbone_weights = ""  # a local weight file instead of the default
+    # How a p×p patch reaches P (not stated in the paper): 0 = the native p×p patch; N = the
+    # patch resized to N×N first. Native is the default: on a 300-step p=33 run with the
+    # paper's losses it reached the same distillation loss as 224² (within noise) at a fraction
+    # of the cost (224² made P 10-30x more expensive than T̂'s step); see the module docstring of
+    # benchmarks/teacher_step.py for the numbers.
+    config.backbone_input_size = 0
+
+    # Patches: "natural" (photos bundled with scikit-image/scikit-learn), "folder" (source_path:
+    # a folder tree of photos, e.g. ../shared/data/photos or ImageNet's train/, less a fixed 5 %
+    # held-out split; or a glob) or "tfds" (tfds_name via tfds.data_source, array_record).
+    config.source = "natural"
+    config.source_path = ""
+    config.tfds_name = "imagenet2012"
+    config.tfds_split = "train"
+    config.tfds_data_dir = ""
+    config.tfds_download = False
+    config.crop_size = 0  # > p: a crop_size² region shrunk to p² (images scaled by p/crop_size)
+    # Augmentation (the paper only says "random crops"): each crop is taken at one of these
+    # resize factors of the photo (a crop covers 1×, 2× or 4× the pixels: several scales of
+    # texture and structure), mirrored left-right half the time, and its brightness, contrast
+    # and saturation scaled by factors in [1 − j, 1 + j].
+    config.crop_levels = (1.0, 0.5, 0.25)
+    config.flip = True
+    config.color_jitter = 0.1
+    config.pool_size = 1024  # images in memory at a time (a larger source is visited in pools)
+    config.steps_per_pool = 64
+    config.loader_workers = 8
+    # Positives p⁺ (only drawn when lambda_m > 0): shift ±max_shift px, zoom ±zoom, noise.
+    config.max_shift = 2.0
+    config.zoom = 0.1
+    config.noise_std = 0.02
+
+    # Loss λ_k L_k + λ_m L_m + λ_c L_c (paper, MVTec AD: 1, 0, 1). The margin is not in the
+    # paper. compactness_mode "squared" (Σ_{i≠j} c_ij², the default) was chosen by the probes
+    # (RESULTS.md, Teachers): the paper's signed Σ_{i≠j} c_ij ("signed") reaches its floor −d
+    # within a few hundred steps and then decorrelates nothing; "abs" is Σ_{i≠j} |c_ij|.
+    config.lambda_k = 1.0
+    config.lambda_m = 0.0
+    config.lambda_c = 1.0
+    config.margin = 1.0
+    config.compactness_mode = "squared"
+    # D's initialisation (not in the paper): "mean" = zero kernel and bias = P's mean feature
+    # over 256 patches, so L_k starts at the variance of P's features; "default" = Flax's.
+    config.init_decoder = "mean"
+    # Continue a teacher file or name (T̂, D and its step count; Adam restarts), e.g. to train a
+    # shipped teacher further: --config.init_from=p33 --config.num_steps=40000.
+    config.init_from = ""
+
+    # Optimisation (paper): Adam 2e-4, weight decay 1e-5 (L2, as PyTorch), 64 patches, 50k steps.
+    config.learning_rate = 2e-4
+    config.weight_decay = 1e-5
+    config.batch_size = 64
+    config.num_steps = 50_000
+    config.fast_apply = True  # T̂ via teacher.steps.train_apply: same net, faster on CPU
+    config.seed = 0
+    config.prng_impl = "threefry2x32"  # "rbg": compiles faster on CPU
+
+    # Bookkeeping.
+    config.checkpoint_every_steps = 1000
+    config.keep_checkpoints = 2
+    config.log_every_steps = 100
+    # > 0: also keep a float16 teacher file every this many steps in <workdir>/snapshots/, so
+    # the probes (benchmarks/teacher_quality.py) can draw quality against training length.
+    config.snapshot_every_steps = 0
+    return config
+
+
+def teacher_config(arg: str = "p65") -> ml_collections.ConfigDict:
+    """The teachers' configs by name: ``p17``, ``p33``, ``p65``, ``p17_small``, ``p33_small``,
+    ``p65_small`` (⅛ widths, d = 32) and ``smoke``.
+
+    ``configs/teacher.py`` says each one's command, runtime and result.
+
+    Raises:
+      ValueError: for an unknown name.
+    """
+    config = teacher_base_config()
+    if arg in ("p17", "p33", "p65"):
+        config.patch_size = int(arg[1:])
+        return config
+    if arg in ("p17_small", "p33_small", "p65_small"):
+        # The small family for CPU users: an eighth of the paper's widths, d = 32.
+        config.patch_size = int(arg[1:3])
+        config.widths = SMALL_WIDTHS
+        config.out_dim = SMALL_OUT_DIM
+        return config
+    if arg == "smoke":
+        config.patch_size = 17
+        config.widths = 1 / 16
+        config.out_dim = 16
+        config.batch_size = 8
+        config.num_steps = 20
+        config.lambda_m = 1.0
+        config.checkpoint_every_steps = 10
+        config.log_every_steps = 5
+        config.loader_workers = 2
+        return config
+    raise ValueError(
+        f"unknown config {arg!r}; choose p17, p33, p65, p17_small, p33_small, p65_small or smoke"
+    )
