@@ -4,10 +4,10 @@
         --ship p33_small=runs/small/p33_small:<probed snapshot file>
 
 For each ``NAME=WORKDIR[:PROBED]`` this writes the workdir's teacher as a float16 shipped file
-(:func:`ustad.uninformed_students.teacher.catalog.ship_teacher`) and records in the manifest:
-the device, the wall time of its training (``catalog.training_minutes``), and the figures of
+(:func:`ustad.uninformed_students.teacher.shipping.ship_teacher`) and records in the manifest:
+the device, the wall time of its training (``shipping.training_minutes``), and the figures of
 every probe line whose teacher source is ``PROBED`` (default: the workdir), per dataset
-(``catalog.probe_summary``). Prints the manifest entries as JSON lines.
+(``shipping.probe_summary``). Prints the manifest entries as JSON lines.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ flags.DEFINE_bool("allow_unfinished", False, "ship runs stopped before their las
 
 def main(argv):
     del argv
-    from ustad.uninformed_students.teacher import catalog
+    from ustad.uninformed_students.teacher import shipping
 
     lines = []
     for path in FLAGS.probes:
@@ -38,12 +38,12 @@ def main(argv):
         workdir, _, probed = spec.partition(":")
         extra = {
             "device": device_name(),
-            "wall_time_min": catalog.training_minutes(workdir),
-            "probes": catalog.probe_summary(lines, probed or workdir),
+            "wall_time_min": shipping.training_minutes(workdir),
+            "probes": shipping.probe_summary(lines, probed or workdir),
             "probe_settings": "benchmarks/teacher_quality.py defaults: 128², σ = 4 smoothing; "
             "student probe M = 3, 2 epochs, batch 2, lr 1e-3",
         }
-        entry = catalog.ship_teacher(
+        entry = shipping.ship_teacher(
             workdir, name, allow_unfinished=FLAGS.allow_unfinished, extra=extra
         )
         print(json.dumps(entry))

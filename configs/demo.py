@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from ustad.stfpm.config import stfpm_config
 from ustad.uninformed_students.config import students_config, teacher_config
 
 
@@ -58,6 +59,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     students.log_every_steps = 20
     students.checkpoint_every_steps = 100
     config.students = students
+
+    # STFPM beside, on the same data and test set: its CPU preset (60 updates of batch 8,
+    # EfficientNet-Lite0 from the pip package, offline), so a first run shows both families.
+    config.stfpm_beside = True
+    config.stfpm = stfpm_config("cpu")
 
     config.report = ml_collections.ConfigDict({"examples_per_type": 1})
     return config

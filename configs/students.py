@@ -40,7 +40,8 @@ def get_config(arg: str = "p65") -> ml_collections.ConfigDict:
     * ``p17_small``, ``p33_small``, ``p65_small``, ``multiscale_small``: the same with the
       shipped small teachers (an eighth of the widths, d = 32): ~40× fewer FLOPs per step.
     * ``cpu``: the preset for 2 CPU cores: the small p = 17 and p = 33 teachers at 128², batch 2,
-      Adam 3e-3 constant, ``scale_epochs`` p17 10 / p33 12 (~30 minutes of student training;
+      Adam 3e-3 constant, ``scale_train_steps`` p17 940 / p33 1128 updates (bottle's 10 / 12
+      epochs; ~30 minutes of student training;
       RESULTS.md has its bottle figures). ``ustad train-students --config=configs/students.py:cpu
       --workdir=runs/bottle_cpu --config.data_dir=<mvtec root> --config.category=bottle``.
     * ``smoke``: tiny random teacher, 32² synthetic images written to ``/tmp`` on the fly, 2

@@ -21,6 +21,7 @@ from ustad.data.synthetic import make_synthetic_category
 from ustad.ensemble import ScoreNormalization, check_normalization
 from ustad.host_images import as_unit_float
 from ustad.io import atomic_write
+from ustad.score_files import overlay_size
 from ustad.uninformed_students.nets import patch_net
 from ustad.uninformed_students.score import Detector
 from ustad.uninformed_students.train import train_and_evaluate, train_students
@@ -418,7 +419,7 @@ def test_sixteen_bit_rgba_palette_and_odd_sizes_are_read_right_and_scored_at_the
         assert anomaly_map.shape == (height, width), path.name
         assert np.isfinite(anomaly_map).all()
         with Image.open(out / f"{path.name}.overlay.png") as overlay:
-            assert overlay.size == (2 * width, height) and overlay.mode == "RGB"
+            assert overlay.size == overlay_size(height, width) and overlay.mode == "RGB"
 
 
 def _teacher_file(path, teacher):
@@ -529,3 +530,418 @@ def test_an_interrupted_output_write_leaves_the_old_file_and_no_temporary(tmp_pa
         atomic_write(path, b"path,score\nnew,2\n")
     assert path.read_bytes() == b"path,score\nold,1\n"
     assert [p.name for p in tmp_path.iterdir()] == ["scores.csv"]
+
+
+# ------------------------------------------------ issue 25: the front door and the failure paths
+
+REPO = Path(__file__).parents[1]
+
+
+def _readme_block(containing: str) -> str:
+    import re
+
+    blocks = re.findall(r"^```bash\n(.*?)^```", (REPO / "README.md").read_text(), re.M | re.S)
+    return next(b.replace("\\\n", " ") for b in blocks if containing in b)
+
+
+def test_the_mvtec_recipe_passes_its_teacher_on_and_a_missing_one_says_what_exists(
+    tmp_path, capsys, monkeypatch
+):
+    # Item 1: step 2 uses the teacher step 1 trains; p65 itself is not shipped.
+    recipe = _readme_block("ustad train-teacher --config=configs/teacher.py:p65")
+    assert "--workdir=runs/teacher_p65" in recipe
+    assert "--config.teacher_workdir=runs/teacher_p65" in recipe
+    monkeypatch.setenv("USTAD_TEACHERS", str(tmp_path / "teachers"))
+    args = ["ustad", "train-students", "--config=configs/students.py:p65"]
+    args += [f"--workdir={tmp_path / 'run'}", f"--config.data_dir={tmp_path / 'none'}"]
+    assert cli.main(args) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "(names: p17_small, p33, p33_small, p65_small;" in err  # what exists
+    assert "--config=configs/students.py:p65_small" in err  # the shipped one to use
+    assert "ustad train-teacher --config=configs/teacher.py:p65 --workdir=runs/teacher_p65" in err
+    assert "--config.teacher_workdir=runs/teacher_p65" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_plain_install_trains_and_scores_without_scikit_image(tmp_path):
+    # Item 2: `pip install -e .` lacked scikit-image; nothing but synthetic data may need it.
+    import subprocess
+    import sys
+
+    _train_folder(tmp_path, count=6)
+    script = (
+        "import sys\n"
+        "sys.modules['skimage'] = None\n"  # `import skimage` now raises ImportError
+        "sys.modules['sklearn'] = None\n"
+        "import ustad.data\n"
+        "from ustad.cli import main\n"
+        "argv = sys.argv[1:]\n"
+        "assert main.main(['ustad', *argv[:argv.index('--')]]) == 0\n"
+        "assert main.main(['ustad', *argv[argv.index('--') + 1:]]) == 0\n"
+    )
+    train = _train_args(tmp_path / "run", tmp_path, "--config.epochs=1", "--config.num_students=1")
+    score = ["score", f"--workdirs={tmp_path / 'run'}", f"--images={tmp_path}/tiny/train/good"]
+    score += [f"--out={tmp_path / 'maps'}"]
+    result = subprocess.run(
+        [sys.executable, "-c", script, *train[1:], "--", *score],
+        cwd=REPO,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "maps" / "scores.csv").is_file()
+
+
+def test_synthetic_data_without_scikit_image_says_what_to_install(monkeypatch, tmp_path):
+    import sys
+
+    from ustad.data import synthetic
+
+    monkeypatch.setitem(sys.modules, "skimage", None)
+    monkeypatch.setitem(sys.modules, "skimage.data", None)
+    synthetic._source.cache_clear()
+    with pytest.raises(ImportError, match="pip install scikit-image"):
+        synthetic.load_texture("grass")
+    synthetic._source.cache_clear()
+
+
+def test_help_names_both_families(capsys):
+    # Item 3.
+    assert cli.main(["ustad", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "Uninformed Students" in out and "STFPM" in out and "configs/stfpm.py" in out
+    stfpm = _readme_block("--config=configs/stfpm.py:cpu")
+    assert "ustad evaluate --workdirs=runs/stfpm_bottle" in stfpm
+    assert "ustad score --workdirs=runs/stfpm_bottle" in stfpm
+    assert "STFPM workdirs cannot be exported yet" in (REPO / "README.md").read_text()
+
+
+def test_exporting_an_stfpm_workdir_says_it_cannot_yet(tmp_path, capsys):
+    workdir = tmp_path / "stfpm"
+    shutil.copytree(REPO / "tests" / "data" / "workdir_stfpm_v1", workdir)
+    out = tmp_path / "d.jaxexport"
+    assert cli.main(["ustad", "export", f"--workdirs={workdir}", f"--out={out}"]) == 1
+    err = capsys.readouterr().err
+    assert "STFPM workdirs cannot be exported yet" in err and err.count("\n") == 1
+
+
+def test_progress_off_a_terminal_is_a_line_per_ten_percent_with_rate_and_eta(monkeypatch, caplog):
+    # Item 5: under nohup, CI or `> log` training printed nothing.
+    import logging
+
+    from ustad import metric_writer
+
+    monkeypatch.delenv("USTAD_PROGRESS", raising=False)
+    monkeypatch.setattr(metric_writer.sys.stderr, "isatty", lambda: False, raising=False)
+    caplog.set_level(logging.INFO, logger="ustad")
+    with metric_writer.progress(200, desc="students p17", unit="img") as bar:
+        for _ in range(100):
+            bar.update(2)
+            bar.set_postfix(loss="0.5")
+    lines = [r.getMessage() for r in caplog.records if r.name == "ustad.metric_writer"]
+    assert lines[0].startswith("students p17: the first batch took")
+    assert 10 <= len(lines) <= 12, lines
+    assert "50 % (100/200 img)" in " ".join(lines)
+    assert "img/s, ETA" in lines[3] and "loss 0.5" in lines[3]
+    assert lines[-1].startswith("students p17: 100 % (200/200 img)")
+
+
+def test_progress_on_a_terminal_says_it_is_compiling_before_the_first_step(monkeypatch):
+    import io
+
+    from ustad import metric_writer
+
+    monkeypatch.setenv("USTAD_PROGRESS", "bar")
+    stream = io.StringIO()
+    bar = metric_writer.progress(10, desc="students p17", file=stream)
+    assert "compiling…" in stream.getvalue()
+    bar.update(1)
+    bar.refresh()
+    assert "compiling" not in stream.getvalue().rsplit("\r", 1)[-1]
+    bar.close()
+    monkeypatch.setenv("USTAD_PROGRESS", "0")
+    with metric_writer.progress(10) as quiet:
+        quiet.update(10)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("--config.epochs=0", "--config.epochs=0: must be an integer ≥ 1"),
+        ("--config.num_students=0", "--config.num_students=0: must be an integer ≥ 1"),
+        ("--config.batch_size=0", "--config.batch_size=0: must be an integer ≥ 1"),
+        ("--config.batch_size=-2", "--config.batch_size=-2: must be an integer ≥ 1"),
+    ],
+)
+def test_bad_settings_are_refused_before_any_data_is_read(tmp_path, capsys, override, message):
+    # Items 6 and 8: once refused after 17–37 s of set-up, or a ZeroDivisionError.
+    workdir = tmp_path / "run"
+    # No data folder at all: reading data would fail with another message.
+    assert cli.main(_train_args(workdir, tmp_path / "nowhere", override)) == 1
+    err = capsys.readouterr().err
+    assert err == f"ustad: error: {message}\n"
+    assert not workdir.exists()
+
+
+def test_a_changed_setting_on_resume_is_refused_from_the_metadata(trained):
+    from ustad.uninformed_students.config import validate
+
+    validate(_config(), str(trained))  # the same settings resume
+    with pytest.raises(ValueError, match=r"trained with epochs=2 \(now 3\)"):
+        validate(_config(epochs=3), str(trained))
+    with pytest.raises(ValueError, match="num_students=2, but this run has 3"):
+        validate(_config(num_students=3), str(trained))
+
+
+def test_stfpm_settings_and_resume_are_validated(tmp_path):
+    from ustad.stfpm.config import stfpm_config, validate
+
+    workdir = tmp_path / "stfpm"
+    shutil.copytree(REPO / "tests" / "data" / "workdir_stfpm_v1", workdir)
+    config = stfpm_config("smoke")
+    for name in ("num_students", "epochs", "batch_size"):
+        bad = stfpm_config("smoke")
+        bad[name] = 0
+        with pytest.raises(ValueError, match=f"--config.{name}=0: must be an integer ≥ 1"):
+            validate(bad)
+    ensemble = stfpm_config("smoke")
+    ensemble.score = "error_variance"
+    with pytest.raises(ValueError, match="num_students ≥ 2"):
+        validate(ensemble)
+    from ustad.checkpointing import workdir_metadata
+
+    saved = workdir_metadata(workdir)["config"]
+    changed = stfpm_config("smoke")
+    changed.learning_rate = saved["learning_rate"] * 10
+    with pytest.raises(ValueError, match=r"learning_rate=0.4 \(now 4.0\); use a new --workdir"):
+        validate(changed, str(workdir))
+    with pytest.raises(ValueError, match="not STFPM"):
+        validate(config, str(REPO / "tests" / "data" / "workdir_students_v1"))
+
+
+def test_command_line_mistakes_are_one_line(tmp_path, capsys):
+    # Item 8: each of these printed a traceback.
+    base = ["ustad", "train-students", f"--workdir={tmp_path / 'run'}"]
+    assert cli.main([*base, "--config=configs/students.py:smoke", "--config.epoch=3"]) == 2
+    err = capsys.readouterr().err
+    assert "--config.epoch: the config has no field 'epoch'; did you mean --config.epochs?" in err
+    assert "Traceback" not in err and err.count("\n") == 2
+    assert cli.main([*base, "--config=configs/students.py:p66"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown config 'p66'; choose p17, p33, p65" in err and "Traceback" not in err
+    assert err.count("\n") == 2
+    args = ["--workdirs=w", "--images=x.png", "--out=o", "--batch_size=-3"]
+    assert cli.main(["ustad", "score", *args]) == 2
+    err = capsys.readouterr().err
+    assert "--batch_size=-3" in err and "Traceback" not in err
+
+
+def test_an_internal_error_is_one_line_and_verbose_shows_the_traceback(monkeypatch, capsys):
+    from ustad.cli import teachers
+
+    def broken(fv):
+        raise TypeError("a bug")
+
+    monkeypatch.setitem(cli.COMMANDS, "teachers", dataclasses_replace(teachers.TEACHERS, broken))
+    assert cli.main(["ustad", "teachers"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("ustad: internal error: TypeError: a bug (at ") and "--verbose" in err
+    with pytest.raises(TypeError, match="a bug"):
+        cli.main(["ustad", "teachers", "--verbose"])
+
+
+def dataclasses_replace(command, run):
+    import dataclasses
+
+    return dataclasses.replace(command, run=run)
+
+
+def test_a_closed_pipe_ends_ustad_teachers_quietly(tmp_path):
+    # Item 8: `ustad teachers | head` printed a BrokenPipeError traceback.
+    import subprocess
+    import sys
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before anything is written
+    result = subprocess.run(
+        [sys.executable, "-m", "ustad", "teachers"],
+        cwd=REPO,
+        stdout=write_end,
+        stderr=subprocess.PIPE,
+        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+        text=True,
+        timeout=120,
+    )
+    os.close(write_end)
+    assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr, result.stderr
+
+
+def test_stray_arguments_from_an_unquoted_glob_are_refused(tmp_path, capsys):
+    # Item 11: `--images dir/*.png` unquoted scored only the first file, exit 0.
+    args = ["--workdirs=w", "--images", "a.png", "b.png", "c.png", f"--out={tmp_path / 'o'}"]
+    assert cli.main(["ustad", "score", *args]) == 2
+    err = capsys.readouterr().err
+    assert "unexpected arguments 'b.png', 'c.png' (2 in all)" in err
+    assert "quote it: --images='dir/*.png'" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_nan_or_inf_images_are_refused_by_the_detector(trained, data):
+    # Item 13: NaN passed the range check and came back as NaN maps and scores.
+    images, _ = data
+    detector = Detector.load(trained, batch_size=2)
+    bad = images[:3].copy()
+    bad[1, 2, 3, 0] = np.nan
+    bad[2, 0, 0, 1] = np.inf
+    with pytest.raises(ValueError, match=r"images \[1, 2\] \(of 3\) hold NaN or inf"):
+        detector.score(bad)
+
+
+def test_nan_images_are_refused_by_an_exported_detector(trained, tmp_path):
+    from ustad import deploy
+
+    scales, sources = deploy.load_scales(trained)
+    path = tmp_path / "d.jaxexport"
+    deploy.export(scales, path, sources=sources, check=False)
+    exported = deploy.load(path)
+    bad = np.full((1, *exported.image_size, exported.channels), np.nan, np.float32)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        exported(bad)
+
+
+def test_a_shipped_teacher_name_is_not_silently_replaced(tmp_path, monkeypatch, capsys):
+    # Item 14: `--install p17_small` of another teacher shadowed the shipped one silently.
+    from ustad.uninformed_students.teacher import catalog
+
+    installed = tmp_path / "teachers"
+    monkeypatch.setenv("USTAD_TEACHERS", str(installed))
+    shipped = catalog.shipped_dir() / "p17_small.teacher.npz"
+    mine = tmp_path / "mine.teacher.npz"
+    shutil.copyfile(shipped, mine)
+    args = ["ustad", "teachers", "install", f"--file={mine}", "--name=p17_small"]
+    assert cli.main(args) == 1
+    assert "'p17_small' is the name of a teacher shipped with ustad" in capsys.readouterr().err
+    assert not (installed / "p17_small.teacher.npz").exists()
+    # Copied in by hand (no record): ambiguous, refused, and both listed as not loading.
+    installed.mkdir()
+    shutil.copyfile(mine, installed / "p17_small.teacher.npz")
+    with pytest.raises(ValueError, match="both shipped with ustad and installed"):
+        catalog.resolve_teacher("p17_small")
+    assert cli.main(["ustad", "teachers"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
+    p17 = [row for row in rows if row[0] == "p17_small"]
+    assert [row[6:8] for row in p17] == [["installed", "no"], ["shipped", "no"]]
+    # Forced: the installed file wins, and the listing says so.
+    assert cli.main([*args, "--force"]) == 0
+    capsys.readouterr()
+    assert catalog.resolve_teacher("p17_small") == installed / "p17_small.teacher.npz"
+    assert cli.main(["ustad", "teachers"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
+    assert [row[6:8] for row in rows if row[0] == "p17_small"] == [
+        ["installed", "yes"],
+        ["shipped", "no"],
+    ]
+    # The SHA-256 recorded at install is checked on load.
+    data = bytearray((installed / "p17_small.teacher.npz").read_bytes())
+    data[-30] ^= 1
+    (installed / "p17_small.teacher.npz").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="SHA-256"):
+        catalog.load_teacher("p17_small")
+
+
+def test_a_damaged_final_checkpoint_resumes_and_saves_over_it(tmp_path, caplog, capfd):
+    # Item 16: scoring fell back and said "resume training"; resuming then failed with
+    # "Checkpoint for step 8 already exists". The warning printed a TensorStore repr, and an
+    # emptied manifest 200 lines of event-loop tracebacks.
+    directory = tmp_path / "checkpoints"
+    state = {"w": np.arange(6, dtype=np.float32)}
+    with Checkpointer(directory, async_save=False) as checkpointer:
+        checkpointer.save(4, state, {"step": 4})
+        checkpointer.save(8, {"w": state["w"] + 1}, {"step": 8})
+    manifests = list((directory / "8" / "state").glob("manifest.ocdbt"))
+    assert manifests
+    for manifest in manifests:
+        manifest.write_bytes(b"")
+    with Checkpointer(directory, async_save=False) as checkpointer:
+        step, restored, _ = checkpointer.restore_latest(state)
+        assert step == 4
+        checkpointer.save(8, {"w": state["w"] + 2}, {"step": 8})
+    warnings = [r.getMessage() for r in caplog.records if "is damaged" in r.getMessage()]
+    assert len(warnings) == 1 and "\n" not in warnings[0] and "tensorstore" not in warnings[0]
+    assert "manifest.ocdbt" in warnings[0] and "falling back to step 4" in warnings[0]
+    assert (directory / "8.damaged").is_dir()
+    with Checkpointer(directory) as checkpointer:
+        step, restored, _ = checkpointer.restore_latest()
+    assert step == 8 and np.array_equal(restored["w"], state["w"] + 2)
+    assert "Event loop is closed" not in capfd.readouterr().err
+
+
+def test_a_top_k_beyond_the_maps_pixels_says_it_is_the_mean(caplog):
+    # Item 18: --reduction=topk --top_k larger than the map silently became the mean.
+    from ustad.detector import reduce_maps
+
+    maps = jnp.asarray(np.random.default_rng(0).uniform(size=(2, 4, 5)), jnp.float32)
+    scores = reduce_maps(maps, "topk", 1000)
+    np.testing.assert_allclose(scores, maps.mean(axis=(1, 2)), rtol=1e-6)
+    (warning,) = [r.getMessage() for r in caplog.records if "--top_k" in r.getMessage()]
+    assert "--top_k=1000 is more than the 20 pixels of a 4×5 map" in warning
+    assert "mean" in warning
+    reduce_maps(maps, "topk", 1000)  # said once per map size
+    assert len([r for r in caplog.records if "--top_k" in r.getMessage()]) == 1
+
+
+def test_evaluate_on_only_good_images_is_refused_not_nan(tmp_path):
+    # Item 20: a test set of good images only reported `image AUROC nan`, exit 0.
+    from ustad.evaluation.image_report import write_image_report
+
+    scores = {"p17": np.array([0.1, 0.3, 0.2])}
+    with pytest.raises(ValueError, match="image AUROC needs both good and defective test"):
+        write_image_report(tmp_path / "report", "bottle", scores, [0, 0, 0], ["good"] * 3)
+    assert not (tmp_path / "report").exists()
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    # Item 21: maps came back in sensor orientation, not as viewers show the image.
+    from PIL import Image
+
+    from ustad.data.images import read_image, read_image_size
+
+    pixels = np.zeros((20, 40, 3), np.uint8)
+    pixels[:5, :10] = 255  # a bright block top-left in sensor order
+    image = Image.fromarray(pixels)
+    exif = image.getexif()
+    exif[0x0112] = 6  # shown rotated 90° clockwise
+    path = tmp_path / "camera.jpg"
+    image.save(path, exif=exif, quality=95)
+    upright = read_image(path)
+    assert upright.shape == (40, 20, 3) and read_image_size(path) == (40, 20)
+    assert upright[:5, -5:].mean() > 0.9 and upright[-5:, :5].mean() < 0.1
+
+
+def test_onnx_export_at_another_size_is_one_line_or_works(trained, tmp_path, capsys):
+    pytest.importorskip("jax2onnx")
+    out = tmp_path / "d.onnx"
+    args = ["ustad", "export", f"--workdirs={trained}", f"--out={out}", f"--size={SIZE * 2}"]
+    status = cli.main(args)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "jax2onnx" not in err.lower()
+    assert (status == 0 and out.is_file()) or (status == 1 and err.count("\n") == 1)
+
+
+def test_jaxexport_at_another_size_is_checked_and_says_it_resizes_twice(
+    trained, data, tmp_path, caplog
+):
+    import logging
+
+    from ustad import deploy
+
+    scales, sources = deploy.load_scales(trained)
+    path = tmp_path / "d.jaxexport"
+    meta = deploy.export(scales, path, size=(SIZE * 2, SIZE * 2), sources=sources)
+    assert "skipped" not in meta["check"]  # checked against a reference that resizes alike
+    with caplog.at_level(logging.WARNING):
+        deploy.load(path).score(data[0][:2])  # 16² images: to 32² on the host, 16² inside
+    assert any("resized twice" in r.getMessage() for r in caplog.records)

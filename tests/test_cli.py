@@ -229,8 +229,8 @@ def test_teachers_lists_what_list_teachers_returns(monkeypatch, capsys):
     monkeypatch.setattr(catalog, "list_teachers", lambda: fake)
     assert run("teachers") == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["name", "p", "d", "widths", "size", "origin", "path"]
-    assert lines[1].split() == ["p33", "33", "128", "None", "6.5", "MB", "installed"] + [
+    assert lines[0].split() == ["name", "p", "d", "widths", "size", "origin", "loads", "path"]
+    assert lines[1].split() == ["p33", "33", "128", "None", "6.5", "MB", "installed", "yes"] + [
         "/somewhere/p33.teacher.npz"
     ]
 
@@ -320,7 +320,7 @@ def test_teachers_install_and_export_name_what_is_wrong(
     bad = tmp_path / "bad.teacher.npz"
     bad.write_bytes(b"not a teacher")
     assert run("teachers", "install", f"--file={bad}", "--name=bad") == 1
-    assert capsys.readouterr().err.startswith("error: ")
+    assert capsys.readouterr().err.startswith("ustad: error: ")
     assert not (tmp_path / "installed").exists()
     out = tmp_path / "t.teacher.npz"
     assert run("teachers", "export", f"--workdir={tmp_path}", f"--out={out}") == 1

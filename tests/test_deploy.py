@@ -290,7 +290,7 @@ def test_export_and_score_commands(tmp_path, capsys):
         maps_dir = tmp_path / f"maps{suffix}"
         argv = ["ustad", "score", f"--model={out}", f"--images={images}", f"--out={maps_dir}"]
         assert cli.main(argv) == 0
-        assert (maps_dir / "scores.csv").read_text().splitlines()[0] == "path,score"
+        assert (maps_dir / "scores.csv").read_text().splitlines()[0].startswith("path,score")
         for npz in (tmp_path / "maps").rglob("*.npz"):
             want = np.load(npz)["anomaly_map"]
             got = np.load(maps_dir / npz.relative_to(tmp_path / "maps"))["anomaly_map"]
@@ -310,3 +310,129 @@ def test_another_export_size_resizes_inside_the_model(scales):
     small = Detector(scales).score(np.asarray(resized))[0]
     want = np.asarray(jax.image.resize(small, (2, 48, 48), "linear"))
     _assert_close((maps, scores), (want, want.reshape(2, -1).max(axis=1)))
+
+
+# Decisions survive export (issue 22): the calibration and the input contract in the header.
+
+
+def _tamper_jaxexport(path, out, *, header=None, weights=None):
+    """A copy of a .jaxexport with its header or weights edited."""
+    import io
+
+    with zipfile.ZipFile(path) as archive:
+        files = {name: archive.read(name) for name in archive.namelist()}
+    if header is not None:
+        meta = json.loads(files["header.json"])
+        header(meta)
+        files["header.json"] = json.dumps(meta).encode()
+    if weights is not None:
+        arrays = dict(np.load(io.BytesIO(files["weights.npz"])))
+        weights(arrays)
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        files["weights.npz"] = buffer.getvalue()
+    with zipfile.ZipFile(out, "w") as archive:
+        for name, data in files.items():
+            archive.writestr(name, data)
+    return out
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory):
+    import shutil
+    from pathlib import Path
+
+    from ustad import calibration, families
+
+    root = tmp_path_factory.mktemp("calibrated")
+    workdir = root / "run"
+    shutil.copytree(Path(__file__).parent / "data" / "workdir_students_v1", workdir)
+    good = np.random.default_rng(5).uniform(size=(20, SIZE, SIZE, 3)).astype(np.float32)
+    calibration.calibrate_workdir(workdir, families.load_detector(workdir), good, max_fpr=0.05)
+    folder = root / "images"
+    folder.mkdir()
+    from PIL import Image
+
+    for i in range(3):
+        pixels = np.random.default_rng(i).integers(0, 256, (SIZE + 8 * i, SIZE, 3), np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+    return workdir, folder
+
+
+@pytest.mark.parametrize("suffix", deploy.SUFFIXES)
+def test_export_stores_the_calibration_and_verify_passes(calibrated, tmp_path, suffix, capsys):
+    from ustad.calibration import find_calibration
+
+    workdir, folder = calibrated
+    out = tmp_path / f"detector{suffix}"
+    argv = ["ustad", "export", f"--workdirs={workdir}", f"--out={out}", f"--verify={folder}"]
+    assert cli.main(argv) == 0
+    assert "verify: " in capsys.readouterr().out
+    want, _ = find_calibration([workdir], {"reduction": "max", "top_k": 100, "smooth_sigma": 0.0})
+    model = deploy.load(out)
+    assert model.calibration.record() == want.record()
+    assert model.header["input_contract"] == {
+        "size": [SIZE, SIZE], "channels": 3, "color": "RGB", "value_range": [0.0, 1.0],
+        "dtype": "float32", "resize": "pil_bilinear_antialias",
+    }  # fmt: skip
+    images = np.random.default_rng(0).uniform(size=(2, SIZE, SIZE, 3)).astype(np.float32)
+    prediction = model.predict(images)
+    assert prediction.threshold == want.image_threshold
+    np.testing.assert_array_equal(prediction.is_anomalous, prediction.scores > want.image_threshold)
+    maps_dir = tmp_path / "maps"
+    assert cli.main(["ustad", "score", f"--model={out}", f"--images={folder}",
+                     f"--out={maps_dir}"]) == 0  # fmt: skip
+    assert "anomalous (threshold" in capsys.readouterr().out
+    assert "is_anomalous" in (maps_dir / "scores.csv").read_text().splitlines()[0]
+
+
+def test_verify_fails_on_a_tampered_file(calibrated, tmp_path, capsys):
+    workdir, folder = calibrated
+    out = tmp_path / "detector.jaxexport"
+    assert cli.main(["ustad", "export", f"--workdirs={workdir}", f"--out={out}"]) == 0
+
+    def verify(path):
+        return cli.main(["ustad", "export", f"--workdirs={workdir}", f"--out={path}",
+                         f"--verify={folder}", "--verify_only"])  # fmt: skip
+
+    assert verify(out) == 0
+    moved = _tamper_jaxexport(
+        out, tmp_path / "threshold.jaxexport",
+        header=lambda meta: meta["calibration"].update(image_threshold=-1.0),
+    )  # fmt: skip
+    assert verify(moved) == 1
+    assert "another calibration" in capsys.readouterr().err
+    first = "w0000"
+    weights = _tamper_jaxexport(
+        out, tmp_path / "weights.jaxexport",
+        weights=lambda arrays: arrays.__setitem__(first, arrays[first] * 1.01),
+    )  # fmt: skip
+    assert verify(weights) == 1
+    assert "scores the 3 images differently" in capsys.readouterr().err
+
+
+def test_runtime_refuses_a_contract_it_cannot_honour(calibrated, tmp_path):
+    workdir, _ = calibrated
+    out = tmp_path / "detector.jaxexport"
+    assert cli.main(["ustad", "export", f"--workdirs={workdir}", f"--out={out}"]) == 0
+    bad = _tamper_jaxexport(
+        out, tmp_path / "bad.jaxexport",
+        header=lambda meta: meta["input_contract"].update(resize="bicubic", value_range=[0, 255]),
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="input contract .*resize 'bicubic'"):
+        deploy.load(bad)
+    model = deploy.load(out)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        model(np.full((1, SIZE, SIZE, 3), np.nan, np.float32))
+
+
+def test_a_failed_check_leaves_no_file(scales, tmp_path, monkeypatch):
+    from ustad.deploy import writer
+
+    def failing(*args, **kwargs):
+        raise ValueError("scores differently")
+
+    monkeypatch.setattr(writer, "check_export", failing)
+    with pytest.raises(ValueError, match="scores differently"):
+        deploy.export(scales, tmp_path / "detector.jaxexport")
+    assert list(tmp_path.iterdir()) == []

@@ -22,8 +22,20 @@ ROOT = pathlib.Path(__file__).resolve().parents[1] / "ustad"
 METHODS = ("uninformed_students", "stfpm")
 TOP = {"cli": 3, "__main__": 3, "families": 2, "deploy": 2, **{m: 1 for m in METHODS}}
 GROUND_FLOOR = {
-    "checkpointing", "detector", "ensemble", "host_images", "io", "metric_writer", "score_files",
-    "sharding", "stats", "training", "xla_flags",
+    "calibration",
+    "checkpointing",
+    "detector",
+    "ensemble",
+    "host_images",
+    "io",
+    "knn",
+    "metric_writer",
+    "score_files",
+    "workdir_lock",
+    "sharding",
+    "stats",
+    "training",
+    "xla_flags",
 }
 FOLDERS = {"cli", "data", "deploy", "evaluation", "models", "teachers", *METHODS}
 SAME_FILES = {"nets", "maps", "steps", "train", "checkpoints", "score"}

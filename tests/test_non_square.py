@@ -15,6 +15,7 @@ from ustad.cli.common import config_flag, rewrite_config_args
 from ustad.data.images import as_size, aspect_change, fit_size, write_png
 from ustad.data.mvtec import load_mvtec_category, load_mvtec_train
 from ustad.data.synthetic import make_synthetic_category
+from ustad.score_files import overlay_size
 from ustad.uninformed_students.inputs import check_image_size, size_multiple
 from ustad.uninformed_students.nets import patch_net
 from ustad.uninformed_students.score import Detector
@@ -136,4 +137,4 @@ def test_keep_aspect_train_score_and_maps_at_the_inputs_size(tmp_path, capsys, c
         saved = np.load(out / f"{name}.npz")
         assert saved["anomaly_map"].shape == NATIVE and np.isfinite(saved["anomaly_map"]).all()
         with Image.open(out / f"{name}.overlay.png") as overlay:
-            assert overlay.size == (2 * NATIVE[1], NATIVE[0])
+            assert overlay.size == overlay_size(*NATIVE)

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from ustad import knn
 from ustad.detector import smooth_maps
 from ustad.uninformed_students import nearest_neighbour, probes
 from ustad.uninformed_students.dense import dense_apply
@@ -35,10 +36,10 @@ def test_nearest_neighbour_distances_equal_brute_force():
     queries = rng.normal(size=(37, 5)).astype(np.float32) + 3.0
     bank = rng.normal(size=(11, 5)).astype(np.float32) + 3.0
     expected = np.sqrt(((queries[:, None] - bank[None]) ** 2).sum(-1)).min(1)
-    got = nearest_neighbour.nearest_neighbour_distances(queries, bank, chunk=8)  # 37 = 4 chunks + 5
+    got = knn.nearest_neighbour_distances(queries, bank, chunk=8)  # 37 = 4 chunks + 5
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
     # A query that is a bank row is at distance 0.
-    assert nearest_neighbour.nearest_neighbour_distances(bank[3:4], bank)[0] < 1e-3
+    assert knn.nearest_neighbour_distances(bank[3:4], bank)[0] < 1e-3
 
 
 def test_random_teacher_is_the_architecture_initialised_by_its_key(teacher):
@@ -85,7 +86,7 @@ def test_nearest_neighbour_maps_equal_brute_force(teacher):
         teacher.module, teacher.variables, test, bank, batch_size=2, chunk=100
     )
     dense = np.asarray(dense_apply(teacher.module, teacher.variables, jnp.asarray(test)))
-    expected = nearest_neighbour.nearest_neighbour_distances(dense.reshape(-1, DIM), bank, chunk=64)
+    expected = knn.nearest_neighbour_distances(dense.reshape(-1, DIM), bank, chunk=64)
     np.testing.assert_allclose(maps, expected.reshape(3, SIZE, SIZE), rtol=1e-4, atol=1e-5)
     on_bank = nearest_neighbour.nearest_neighbour_maps(
         teacher.module, teacher.variables, train, bank

@@ -438,3 +438,26 @@ def _load_train(data):
     from ustad.data.mvtec import load_mvtec_train
 
     return load_mvtec_train(data.parent, data.name, image_size=SIZE)[0]
+
+
+def test_a_too_high_learning_rate_fails_with_a_named_error(tmp_path):
+    # STFPM's loss is bounded: at lr 1000 the students degrade instead of overflowing (issue 25
+    # item 19). Smoke data: validation loss 1.72 after the first epoch, 2.21 after the sixth.
+    from ustad.data.synthetic import make_synthetic_category
+    from ustad.stfpm.train import train_and_evaluate
+
+    make_synthetic_category(tmp_path / "data", "synthetic", image_size=32)
+    config = _config(data_dir=str(tmp_path / "data"), learning_rate=1000.0, epochs=6)
+    with pytest.raises(FloatingPointError, match="diverged: validation loss .* lower"):
+        train_and_evaluate(config, tmp_path / "run")
+
+
+def test_train_steps_count_updates_whatever_the_category_size():
+    from ustad.stfpm.train import scheduled_epochs
+
+    config = _config(train_steps=100, epochs=3)
+    assert scheduled_epochs(config, 5) == 20  # a 40-image category at batch 8: 100 updates
+    assert scheduled_epochs(config, 21) == 5  # 167 images: 105 updates, the fewest ≥ 100
+    assert scheduled_epochs(_config(epochs=3), 5) == 3  # train_steps = 0: the paper's epochs
+    with pytest.raises(ValueError, match="train_steps must be an integer ≥ 0"):
+        scheduled_epochs(_config(train_steps=-1), 5)

@@ -195,3 +195,22 @@ def test_scale_epochs_override_config_epochs_per_scale():
     config.scale_epochs.p65 = 0
     with pytest.raises(ValueError, match="p=65 must be a positive integer"):
         scale_epochs(config, 65)
+
+
+def test_train_steps_count_updates_per_scale():
+    from ustad.uninformed_students.train import scale_epochs, scale_updates
+
+    config = _config(epochs=4)
+    config.train_steps = 100
+    config.scale_train_steps = {"p33": 250}
+    assert scale_updates(config, 17) == 100 and scale_updates(config, 33) == 250
+    # The fewest whole epochs that reach the updates: a 54-image category at batch 2 (27 steps
+    # an epoch) trains as many updates as a 200-image one (100 steps an epoch).
+    assert scale_epochs(config, 17, steps_per_epoch=27) == 4
+    assert scale_epochs(config, 17, steps_per_epoch=100) == 1
+    assert scale_epochs(config, 33, steps_per_epoch=27) == 10
+    with pytest.raises(ValueError, match="steps_per_epoch is needed"):
+        scale_epochs(config, 17)
+    config.train_steps = -5
+    with pytest.raises(ValueError, match="p=17 must be an integer ≥ 0"):
+        scale_updates(config, 17)

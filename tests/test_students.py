@@ -18,6 +18,7 @@ from ustad.data.images import read_image, to_uint8, write_png
 from ustad.data.synthetic import make_synthetic_category
 from ustad.ensemble import member
 from ustad.metric_writer import read_metrics
+from ustad.score_files import overlay_size
 from ustad.uninformed_students.maps import teacher_targets
 from ustad.uninformed_students.nets import patch_net
 from ustad.uninformed_students.score import Detector
@@ -245,7 +246,8 @@ def test_score_script_writes_maps_overlays_and_scores(data, trained, tmp_path):
         assert result["anomaly_map"].shape == (2 * SIZE, 2 * SIZE)  # the image's own size
     with np.load(tmp_path / "out" / "sub" / "1.png.npz") as result:
         assert result["anomaly_map"].shape == (SIZE, SIZE) and np.isfinite(result["score"])
-    assert read_image(tmp_path / "out" / "sub" / "0.png.overlay.png").shape == (SIZE, 2 * SIZE, 3)
+    width, height = overlay_size(SIZE, SIZE)
+    assert read_image(tmp_path / "out" / "sub" / "0.png.overlay.png").shape == (height, width, 3)
     lines = (tmp_path / "out" / "scores.csv").read_text().splitlines()
     assert lines[0] == "path,score" and len(lines) == 4
 

@@ -9,7 +9,7 @@ import pytest
 from test_teacher import _config, _train
 
 import ustad
-from ustad.uninformed_students.teacher import catalog
+from ustad.uninformed_students.teacher import catalog, shipping
 from ustad.uninformed_students.teacher import files as teacher_files
 from ustad.uninformed_students.teacher import train as teacher
 
@@ -168,7 +168,7 @@ def test_list_teachers_and_shipped_files_are_checked(trained, tmp_path, monkeypa
     installed = tmp_path / "installed"
     monkeypatch.setenv("USTAD_TEACHERS", str(installed))
     monkeypatch.setattr(catalog, "shipped_dir", lambda: shipped)
-    entry = catalog.ship_teacher(trained, "tiny", extra={"au_pro": 0.5})
+    entry = shipping.ship_teacher(trained, "tiny", extra={"au_pro": 0.5})
     assert entry["steps"] == 4 and entry["file"] == "tiny.teacher.npz"
     manifest = json.loads((shipped / "MANIFEST.json").read_text())
     assert [e["name"] for e in manifest["teachers"]] == ["tiny"]
@@ -177,9 +177,14 @@ def test_list_teachers_and_shipped_files_are_checked(trained, tmp_path, monkeypa
     assert listed[0]["patch_size"] == 17 and listed[0]["out_dim"] == 16
     assert listed[0]["steps"] == 4 and listed[0]["au_pro"] == 0.5
     assert teacher.load_teacher("tiny")[2]["step"] == 4
-    # An installed teacher of the same name wins.
-    catalog.install_teacher(shipped / "tiny.teacher.npz", "tiny")
-    assert [t["origin"] for t in catalog.list_teachers()] == ["installed"]
+    # A shipped name is refused without force; with it the installed file wins, and the
+    # listing shows both entries and which one the name loads.
+    with pytest.raises(ValueError, match="'tiny' is the name of a teacher shipped with ustad"):
+        catalog.install_teacher(shipped / "tiny.teacher.npz", "tiny")
+    catalog.install_teacher(shipped / "tiny.teacher.npz", "tiny", force=True)
+    listed = catalog.list_teachers()
+    assert [(t["origin"], t["active"]) for t in listed] == [("installed", True), ("shipped", False)]
+    assert catalog.resolve_teacher("tiny") == installed / "tiny.teacher.npz"
     (installed / "tiny.teacher.npz").unlink()
     # A shipped file that does not match its manifest fails loudly.
     data = bytearray((shipped / "tiny.teacher.npz").read_bytes())
@@ -227,7 +232,7 @@ def test_training_minutes_count_steps_at_their_rates_across_a_resume(tmp_path):
         {"step": 260, "steps_per_s": 0.5},  # resumed later: 120 s, not the wall-clock gap
     ]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    assert catalog.training_minutes(tmp_path) == round(270 / 60, 1)
+    assert shipping.training_minutes(tmp_path) == round(270 / 60, 1)
 
 
 def test_probe_summary_keeps_the_smoothed_figures_of_one_teacher():
@@ -239,7 +244,7 @@ def test_probe_summary_keeps_the_smoothed_figures_of_one_teacher():
         "distill": {"figures": {"r2_decoder": 0.6, "mean_abs_offdiag_corr": 0.1, "x": 1}},
     }
     other = dict(line, teacher={"source": "random:33:0.125:32"})
-    summary = catalog.probe_summary([line, other], "runs/t")
+    summary = shipping.probe_summary([line, other], "runs/t")
     assert summary == {
         "bottle@128": {
             "descriptor_probe": {"au_pro": 0.8, "pixel_auroc": 0.9, "image_auroc": 0.95},

@@ -210,3 +210,41 @@ def test_epoch_batches_resume_mid_epoch_and_reshuffle_each_epoch():
     assert all(len(set(e)) == 9 for e in epochs) and whole[:3] != whole[3:6]
     tail = epoch_batches(data, 3, seed=0, sharding=None, start_step=4, total_steps=9)
     assert [b["x"].tolist() for b in tail] == whole[4:]
+
+
+def test_divergence_and_flattening_of_a_validation_history():
+    from ustad.training import check_not_diverged, flattened
+
+    check_not_diverged([1.7, 1.8, 1.5], epoch=2)  # within 1.2× of the first
+    with pytest.raises(FloatingPointError, match="diverged: validation loss 2.21 after epoch 5"):
+        check_not_diverged([1.72, 1.83, 1.48, 0.52, 2.19, 2.21], epoch=5)
+    with pytest.raises(FloatingPointError, match="validation loss nan"):
+        check_not_diverged([1.0, float("nan")], epoch=1)
+    assert flattened([1.0, 0.9]) is None  # too few to say
+    assert flattened([1.6, 1.5, 1.4, 1.2, 1.0, 0.87, 0.7, 0.6]) is False  # still falling
+    assert flattened([1.6, 1.0, 0.8, 0.7, 0.7, 0.699, 0.7, 0.698]) is True
+
+
+def test_hold_out_keeps_a_minimum_of_validation_images():
+    from ustad.data.split import split_validation
+
+    assert len(split_validation(54, 0.1, 0)[1]) == 5  # the fraction alone
+    assert len(split_validation(54, 0.1, 0, min_images=8)[1]) == 8
+    assert len(split_validation(20, 0.1, 0, min_images=8)[1]) == 5  # at most a quarter
+    assert len(split_validation(209, 0.1, 0, min_images=8)[1]) == 21  # the fraction is more
+    train, val = split_validation(40, 0.1, 3, min_images=8)
+    assert len(val) == 8 and sorted([*train, *val]) == list(range(40))
+    with pytest.raises(ValueError, match="min_images must be >= 0"):
+        split_validation(10, 0.1, 0, min_images=-1)
+
+
+def test_settings_added_later_compare_against_what_old_runs_used():
+    from ustad.training import changed_settings
+
+    old = {"config": {"val_fraction": 0.1}}  # written before val_min_images existed
+    assert (
+        changed_settings(old, {"val_fraction": 0.1, "val_min_images": 0}, ["val_min_images"]) == []
+    )
+    assert changed_settings(
+        old, {"val_fraction": 0.1, "val_min_images": 8}, ["val_min_images"]
+    ) == ["val_min_images=0 (now 8)"]

@@ -5,7 +5,8 @@ are saved together under ``<directory>/<step>``; saves are asynchronous and atom
 a temporary folder and renames), so a killed run never leaves a half-written step, and
 :meth:`Checkpointer.restore_latest` resumes from the newest finished one. A step whose files
 were damaged afterwards (a truncated file, a disk error) is skipped with a warning in favour of
-the newest one that reads back.
+the newest one that reads back; a run resumed from that older step saves over the damaged one
+(moved aside to ``<step>.damaged`` first, with a warning), so it can finish.
 
 Orbax logs ~45 INFO lines per save through absl; they are dropped unless ``USTAD_ORBAX_LOGS=1``
 (warnings and errors always pass). A checkpointer that never saved removes the empty folder it
@@ -17,6 +18,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
+import sys
 from typing import Any
 
 import jax
@@ -47,6 +50,26 @@ def quiet_orbax_logs() -> None:
 quiet_orbax_logs()
 
 
+def _drop_closed_loop_errors(previous):
+    """An ``sys.unraisablehook`` that drops TensorStore's "Event loop is closed" callbacks:
+    when one read of a damaged checkpoint fails, Orbax closes its event loop and every other
+    pending read reports this from its thread (200 lines of tracebacks for one damaged step,
+    which :meth:`Checkpointer.restore_latest` already reports in one line)."""
+
+    def hook(unraisable) -> None:
+        error = unraisable.exc_value
+        if isinstance(error, RuntimeError) and str(error) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook.ustad_filter = True
+    return hook
+
+
+if not getattr(sys.unraisablehook, "ustad_filter", False):
+    sys.unraisablehook = _drop_closed_loop_errors(sys.unraisablehook)
+
+
 class Checkpointer:
     """Save and restore ``(state, metadata)`` pairs by step.
 
@@ -63,6 +86,7 @@ class Checkpointer:
             max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save
         )
         self._manager = ocp.CheckpointManager(self.directory, options=options)
+        self._damaged: set[int] = set()  # steps found damaged by this checkpointer
 
     def latest_step(self) -> int | None:
         """The newest complete step, or ``None``."""
@@ -72,7 +96,13 @@ class Checkpointer:
         return list(self._manager.all_steps())
 
     def save(self, step: int, state: PyTree, metadata: dict | None = None) -> None:
-        """Save ``state`` (arrays) and ``metadata`` (JSON-serialisable) as ``step``."""
+        """Save ``state`` (arrays) and ``metadata`` (JSON-serialisable) as ``step``.
+
+        A step found damaged on restoring (a resumed run fell back to an older one) is moved
+        aside to ``<step>.damaged`` first; saving over an intact step is an error.
+        """
+        if step in self._damaged and step in self._manager.all_steps():
+            self._move_aside(step)
         self._manager.save(
             step,
             args=ocp.args.Composite(
@@ -154,12 +184,31 @@ class Checkpointer:
         return None
 
     def _warn_damaged(self, step: int, error: Exception, older: list[int]) -> None:
+        if step in self._damaged:
+            return  # said once per checkpointer (latest_intact and restore_latest both look)
+        self._damaged.add(step)
         fallback = f"falling back to step {older[0]}" if older else "no older step to fall back to"
         logger.warning(
             "checkpoint %s is damaged (%s): %s",
             os.path.join(self.directory, str(step)),
-            _first_line(error),
+            describe_damage(error),
             fallback,
+        )
+
+    def _move_aside(self, step: int) -> None:
+        """Rename the damaged ``<step>`` folder to ``<step>.damaged`` (``.damaged.<i>`` if taken)
+        so that a resumed run can save that step again."""
+        source = os.path.join(self.directory, str(step))
+        target, i = f"{source}.damaged", 1
+        while os.path.exists(target):
+            target, i = f"{source}.damaged.{i}", i + 1
+        os.rename(source, target)
+        self._manager.reload()
+        self._damaged.discard(step)
+        logger.warning(
+            "saving step %d again: the damaged checkpoint was moved to %s (delete it when done)",
+            step,
+            target,
         )
 
     def wait(self) -> None:
@@ -222,6 +271,24 @@ def _abstract(x):
         return x
     sharding = getattr(x, "sharding", None)
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
+
+def describe_damage(error: Exception) -> str:
+    """One short line for a checkpoint that failed to read: the file and the last two clauses
+    of a TensorStore status (``DATA_LOSS: …``), without the spec, source locations or array
+    indices that follow them."""
+    text = str(error).strip().splitlines()
+    line = text[0] if text else type(error).__name__
+    for marker in (" See full TensorStore details", " [", " {", "<bound method"):
+        line = line.split(marker)[0]
+    line = re.sub(r"array index: \(.*", "an array", line).strip().rstrip(":")
+    status = re.match(r"([A-Z_]{4,}): ", line)
+    files = re.findall(r'local file "([^"]+)"', line)
+    if status and files:
+        clauses = [c for c in line.split(": ") if '"' not in c][-2:]
+        line = f"{status.group(1)} in {files[-1]}: {': '.join(clauses)}"
+    line = line or type(error).__name__
+    return line if len(line) <= 240 else line[:240] + " …"
 
 
 def _first_line(error: Exception) -> str:

@@ -91,6 +91,13 @@ def combine_scales(images, scorers, count: int, *, smooth_sigma: float, reductio
     images = as_unit_float(images)
     if images.ndim != 4:
         raise ValueError(f"images must be [N, H, W, C], got shape {images.shape}")
+    # NaN passes the range check and would come back as NaN maps and scores, unremarked.
+    bad = np.flatnonzero(~np.isfinite(images.reshape(len(images), -1)).all(axis=1))
+    if bad.size:
+        raise ValueError(
+            f"images {bad[:10].tolist()}{' …' if bad.size > 10 else ''} (of {len(images)}) hold "
+            f"NaN or inf values; images must be finite floats in [0, 1]"
+        )
     shape = images.shape[:3]
     total = np.zeros(shape, np.float32)
     for scorer in scorers:
@@ -114,18 +121,39 @@ def reduce_maps(maps: jax.Array, reduction: str = "max", top_k: int = 100) -> ja
       maps: ``[N, H, W]``.
       reduction: ``"max"`` (default), ``"mean"`` or ``"topk"`` (mean of the ``top_k`` highest
         pixels, less sensitive to a single noisy pixel than the max).
-      top_k: pixels averaged by ``"topk"`` (≥ 1; clipped to H·W).
+      top_k: pixels averaged by ``"topk"`` (≥ 1; beyond H·W it is clipped to H·W, which
+        makes the score the map's mean, and a warning says so once per map size).
 
     Returns:
       ``[N]``.
     """
     check_scoring_options(reduction, top_k)
     flat = maps.reshape(maps.shape[0], -1)
+    if reduction == "topk" and top_k > flat.shape[1]:
+        warn_top_k_clipped(top_k, maps.shape[1:])
     if reduction == "max":
         return jnp.max(flat, axis=1)
     if reduction == "mean":
         return jnp.mean(flat, axis=1)
     return jnp.mean(jax.lax.top_k(flat, min(int(top_k), flat.shape[1]))[0], axis=1)
+
+
+_CLIPPED_TOP_K: set[tuple] = set()  # (top_k, H, W) already warned about
+
+
+def warn_top_k_clipped(top_k: int, map_hw) -> None:
+    """Once per ``(top_k, H, W)``: a warning that ``--top_k`` exceeds the map's pixels, so the
+    "top k" image score is the map's mean."""
+    key = (int(top_k), *(int(s) for s in map_hw))
+    if key in _CLIPPED_TOP_K:
+        return
+    _CLIPPED_TOP_K.add(key)
+    pixels = key[1] * key[2]
+    logger.warning(
+        "--top_k=%d is more than the %d pixels of a %d×%d map: the image score of such maps "
+        "is their mean (--reduction=mean); use --top_k ≤ %d for a top-k score",
+        top_k, pixels, key[1], key[2], pixels,
+    )  # fmt: skip
 
 
 def resize_images(images: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -276,6 +304,30 @@ class MapDetector:
             images, [scorer(*group) for group in self._groups], self.count,
             smooth_sigma=self.smooth_sigma, reduction=self.reduction, top_k=self.top_k,
         )  # fmt: skip
+
+    def predict(self, images: np.ndarray, calibration=None):
+        """:meth:`score` with the decisions of a calibration.
+
+        Args:
+          images: as :meth:`score`.
+          calibration: a :class:`ustad.calibration.Calibration` (e.g.
+            ``ustad.calibration.find_calibration(workdirs, detector.settings)[0]``); None gives
+            the raw maps and scores only.
+
+        Returns:
+          A :class:`ustad.calibration.Prediction`: ``scores [N]``, ``maps [N, H, W]`` and, with a
+          calibration, ``threshold``, ``normalized [N]`` (0.5 at the threshold),
+          ``is_anomalous [N]``, ``masks [N, H, W]``, ``defect_area [N]`` and ``regions [N]``.
+        """
+        from ustad.calibration import decide
+
+        maps, scores = self.score(images)
+        return decide(maps, scores, calibration)
+
+    @property
+    def input_sizes(self) -> list[tuple[int, int]]:
+        """The ``(H, W)`` each group of models scores at (images are resized to each)."""
+        return [tuple(int(s) for s in group[0]) for group in self._groups]
 
     @property
     def settings(self) -> dict:

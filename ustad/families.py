@@ -126,9 +126,49 @@ def train(config, workdir: str | os.PathLike):
 
     Returns:
       The trained models: a list of scales (Uninformed Students) or one STFPM model.
+
+    Raises:
+      ustad.workdir_lock.WorkdirLockedError: another live process trains into ``workdir``.
     """
-    if config_family(config) == STFPM:
-        from ustad.stfpm.train import train_and_evaluate
+    import contextlib
+
+    import jax
+
+    from ustad.workdir_lock import workdir_lock
+
+    family = config_family(config)
+    if family == STFPM:
+        from ustad.stfpm import train as trainer
     else:
-        from ustad.uninformed_students.train import train_and_evaluate
-    return train_and_evaluate(config, workdir)
+        from ustad.uninformed_students import train as trainer
+    # One training per workdir (the lock nests within a process; on several hosts process 0
+    # holds it for all).
+    lock = workdir_lock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
+    with lock:
+        trained = trainer.train_and_evaluate(config, workdir)
+        if jax.process_index() == 0:
+            models = list(trained) if isinstance(trained, list | tuple) else [trained]
+            calibrate_after_training(
+                workdir, detector_for(family, models), trainer.held_out_images(config)
+            )
+    return trained
+
+
+def calibrate_after_training(workdir, detector, images) -> None:
+    """File a calibration in ``workdir`` from its held-out good ``images`` (the default
+    false-reject rate, or the smallest the images allow); too few images for any quantile
+    leave the workdir uncalibrated with a warning (``ustad calibrate --good`` adds one)."""
+    import logging
+
+    from ustad.calibration import DEFAULT_MAX_FPR, TooFewGoodImages, calibrate_workdir
+
+    try:
+        calibrate_workdir(workdir, detector, images, max_fpr=DEFAULT_MAX_FPR)
+    except TooFewGoodImages as error:
+        logging.getLogger(__name__).warning(
+            "%s is not calibrated (%s); run `ustad calibrate --workdirs=%s --good=<folder of "
+            "good images>`",
+            workdir,
+            error,
+            workdir,
+        )

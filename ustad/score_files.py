@@ -1,32 +1,65 @@
-"""Anomaly maps for image files on disk: what ``ustad score`` writes.
+"""Anomaly maps and decisions for image files on disk: what ``ustad score`` writes.
 
 For every image ``<rel>`` (its path relative to the images' common folder, extension kept, so
 ``x.png`` and ``x.jpg`` side by side stay two outputs) this writes
 
-* ``<out>/<rel>.npz``: ``anomaly_map [H, W] float32`` at the image's own size, ``score``;
-* ``<out>/<rel>.overlay.png``: the image | the map over the image (one colour scale for the run);
-* ``<out>/scores.csv``: ``path,score`` for all images;
-* ``<out>/scoring.json``: what scored them and how (``settings``: the image score, the
-  smoothing), when given.
+* ``<out>/<rel>.npz`` (deflate-compressed): ``anomaly_map [H, W]`` at the image's own size
+  (float32, lossless; or float16 with ``map_dtype="float16"``: half the size, ~3 significant
+  digits) and ``score`` (float32);
+* ``<out>/<rel>.mask.png``: with a threshold, the defect pixels (255) above the pixel threshold;
+* ``<out>/<rel>.overlay.png``: the image | the map over the image with the threshold's contour
+  (cyan) | a colour bar (the threshold marked); the colour scale is fixed by the calibration
+  (:meth:`ustad.calibration.Calibration.colour_scale`), so a good image scored alone stays dark;
+  without one, the run's minimum … maximum;
+* ``<out>/scores.csv``: ``path,score`` and, with a threshold, :data:`DECISION_COLUMNS`;
+* ``<out>/scoring.json``: what scored them and how, when given.
 
-Every image is read before any is scored (an unreadable one stops the run with an error naming
-it) and every file is written atomically (temporary file + rename).
+Every image is decoded once before any is scored (an unreadable one stops the run naming it,
+writing nothing) and the output folder is checked to be writable first; then images are read
+again and scored one batch at a time, so no more than a batch is held at native size. Every file
+is written atomically; when writing fails midway (a full disk), ``scores.csv`` lists the images
+done and the error says how many.
 """
 
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
+import logging
 import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
+from ustad.calibration import Calibration, Prediction, decide
 from ustad.data.images import encode_png, read_image, to_uint8
 from ustad.io import atomic_write
 from ustad.metric_writer import progress
+
+logger = logging.getLogger(__name__)
+
+DECISION_COLUMNS = (
+    "normalized_score", "threshold", "is_anomalous", "defect_area_px", "defect_regions", "map",
+    "mask",
+)  # fmt: skip
+# Resizing an image by more than this factor along an axis gets a warning: a defect of a few
+# pixels vanishes when shrunk 8×, and an image blown up 8× holds no detail at the model's size.
+EXTREME_RESIZE = 8.0
+MAP_DTYPES = ("float32", "float16")
+
+
+class ScoredFiles(NamedTuple):
+    """What :func:`score_files` did: a row per image (the CSV's fields), ``[N]`` scores and the
+    overlays' colour scale."""
+
+    rows: list[dict]
+    scores: np.ndarray
+    colour_scale: tuple[float, float]
 
 
 def output_names(paths: Sequence[str | os.PathLike]) -> list[Path]:
@@ -46,23 +79,179 @@ def output_names(paths: Sequence[str | os.PathLike]) -> list[Path]:
     return names
 
 
-def overlay_panel(image: np.ndarray, anomaly_map: np.ndarray, vmin: float, vmax: float):
-    """The image | the colour-mapped map blended 50/50 over it.
+def check_writable(out: str | os.PathLike) -> None:
+    """Raise ``ValueError`` unless files can be created in ``out`` (or, if it does not exist
+    yet, in its nearest existing parent), before anything is scored; creates nothing."""
+    out = Path(out).absolute()
+    existing = out
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"--out {out}: {existing} is a file, not a folder")
+    try:
+        handle, probe = tempfile.mkstemp(dir=existing, prefix=".ustad-write-test.")
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as error:
+        raise ValueError(f"cannot write to {existing} (--out {out}): {error.strerror}") from None
+
+
+def scan_images(paths: Sequence[str | os.PathLike]) -> list[tuple[int, int]]:
+    """Decode every image once (nothing kept) and return each one's ``(H, W)``.
+
+    Raises:
+        FileNotFoundError, ValueError: an unreadable image (named).
+    """
+    return [read_image(path).shape[:2] for path in paths]
+
+
+def warn_extreme_resizes(sizes, paths, input_sizes, limit: float = EXTREME_RESIZE) -> str | None:
+    """One warning when scoring resizes any image by more than ``limit``× along an axis.
+
+    Args:
+        sizes: each image's ``(H, W)``.
+        paths: the images, for the example named.
+        input_sizes: the ``(H, W)`` the models score at.
+
+    Returns:
+        The warning, or None.
+    """
+    factors = [
+        max(max(a / b, b / a) for hw in input_sizes for a, b in zip(size, hw, strict=True))
+        for size in sizes
+    ]
+    extreme = [i for i, f in enumerate(factors) if f > limit]
+    if not extreme:
+        return None
+    worst = max(extreme, key=factors.__getitem__)
+    (h, w), (th, tw) = sizes[worst], input_sizes[0]
+    message = (
+        f"{len(extreme)} of {len(sizes)} images are resized by more than {limit:g}× to the "
+        f"model's {th}×{tw} (H×W), up to {factors[worst]:.0f}× (e.g. {paths[worst]}, {h}×{w}): "
+        f"defects a few pixels wide vanish when shrunk, and a tiny image has no detail to score; "
+        f"crop or tile large images, or train at a size closer to theirs"
+    )
+    logger.warning("%s", message)
+    return message
+
+
+OVERLAY_MIN_HEIGHT = 96  # small images are enlarged so the colour bar's labels fit
+COLOUR_BAR_WIDTH = 64
+
+
+def overlay_size(height: int, width: int) -> tuple[int, int]:
+    """``(width, height)`` in pixels of the overlay of an ``height × width`` image (PIL order)."""
+    factor = max(1, -(-OVERLAY_MIN_HEIGHT // height))
+    return 2 * width * factor + COLOUR_BAR_WIDTH, height * factor
+
+
+def overlay_panel(
+    image: np.ndarray,
+    anomaly_map: np.ndarray,
+    vmin: float,
+    vmax: float,
+    mask: np.ndarray | None = None,
+    threshold: float | None = None,
+) -> np.ndarray:
+    """The image | the colour-mapped map blended 50/50 over it (the mask's contour in cyan) |
+    a colour bar from ``vmin`` (bottom) to ``vmax`` (top), the threshold marked in cyan.
 
     Args:
         image: ``[H, W, C]`` float32 in [0, 1], C = 1 or 3.
         anomaly_map: ``[H, W]``.
         vmin, vmax: the colour scale.
+        mask: ``[H, W]`` bool defect pixels, whose outline is drawn.
+        threshold: the pixel threshold, marked on the bar.
 
     Returns:
-        ``[H, 2W, 3]`` uint8.
+        ``[H', 2W' + B, 3]`` uint8 (small images are enlarged to at least 96 px high so the bar's
+        labels fit; B is the bar's width).
     """
     from matplotlib import colormaps
 
     rgb = np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image
     scaled = np.clip((anomaly_map - vmin) / max(vmax - vmin, 1e-12), 0.0, 1.0)
-    heat = colormaps["inferno"](scaled)[..., :3].astype(np.float32)
-    return to_uint8(np.concatenate([rgb, 0.5 * rgb + 0.5 * heat], axis=1))
+    heat = 0.5 * rgb + 0.5 * colormaps["inferno"](scaled)[..., :3].astype(np.float32)
+    if mask is not None and mask.any():
+        from scipy import ndimage
+
+        heat[mask & ~ndimage.binary_erosion(mask, border_value=0)] = (0.0, 1.0, 1.0)
+    panel = np.concatenate([rgb, heat], axis=1)
+    factor = max(1, -(-OVERLAY_MIN_HEIGHT // panel.shape[0]))
+    panel = np.repeat(np.repeat(panel, factor, axis=0), factor, axis=1)
+    bar = _colour_bar(panel.shape[0], vmin, vmax, threshold)
+    return np.concatenate([to_uint8(panel), bar], axis=1)
+
+
+def _colour_bar(height: int, vmin: float, vmax: float, threshold: float | None) -> np.ndarray:
+    """``[height, COLOUR_BAR_WIDTH, 3]`` uint8: the colour map (top = ``vmax``), its ends and the
+    threshold labelled."""
+    from matplotlib import colormaps
+    from PIL import Image, ImageDraw
+
+    levels = np.linspace(1.0, 0.0, height)[:, None].repeat(12, axis=1)
+    strip = to_uint8(colormaps["inferno"](levels)[..., :3])
+    canvas = Image.new("RGB", (COLOUR_BAR_WIDTH, height), (255, 255, 255))
+    canvas.paste(Image.fromarray(strip), (2, 0))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((16, 0), f"{vmax:.3g}", fill=(0, 0, 0))
+    draw.text((16, height - 11), f"{vmin:.3g}", fill=(0, 0, 0))
+    if threshold is not None and vmin <= threshold <= vmax:
+        y = int(round((vmax - threshold) / max(vmax - vmin, 1e-12) * (height - 1)))
+        draw.line([(0, y), (15, y)], fill=(0, 200, 255), width=2)
+        draw.text((16, min(max(y - 5, 12), height - 23)), f"{threshold:.3g}", fill=(0, 120, 200))
+    return np.asarray(canvas)
+
+
+def _npz_bytes(anomaly_map: np.ndarray, score: float, map_dtype: str) -> bytes:
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, anomaly_map=anomaly_map.astype(map_dtype), score=np.float32(score))
+    return buffer.getvalue()
+
+
+def _row(path, name, prediction: Prediction, j: int) -> dict:
+    row = {"path": str(path), "score": f"{prediction.scores[j]:.6g}"}
+    if prediction.threshold is not None:
+        row |= {
+            "normalized_score": f"{prediction.normalized[j]:.4f}",
+            "threshold": f"{prediction.threshold:.6g}",
+            "is_anomalous": str(bool(prediction.is_anomalous[j])).lower(),
+            "defect_area_px": int(prediction.defect_area[j]),
+            "defect_regions": int(prediction.regions[j]),
+            "map": f"{name}.npz",
+            "mask": f"{name}.mask.png",
+        }
+    return row
+
+
+def _write_one(out, name, image, prediction, j, scale, map_dtype) -> None:
+    atomic_write(
+        out / f"{name}.npz", _npz_bytes(prediction.maps[j], prediction.scores[j], map_dtype)
+    )
+    mask = None if prediction.masks is None else prediction.masks[j]
+    if mask is not None:
+        atomic_write(out / f"{name}.mask.png", encode_png(mask.astype(np.uint8) * 255))
+    panel = overlay_panel(image, prediction.maps[j], *scale, mask, prediction.pixel_threshold)
+    atomic_write(out / f"{name}.overlay.png", encode_png(panel))
+
+
+def _write_csv(out: Path, rows: list[dict]) -> None:
+    columns = ["path", "score"] + (list(DECISION_COLUMNS) if len(rows[0]) > 2 else [])
+    text = io.StringIO()
+    writer = csv.DictWriter(text, columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(out / "scores.csv", text.getvalue().encode())
+
+
+def _batches(sizes, batch_size):
+    """Index batches of images of one size, in input order of each size's first image."""
+    by_size: dict[tuple, list[int]] = {}
+    for i, size in enumerate(sizes):
+        by_size.setdefault(tuple(size), []).append(i)
+    for indices in by_size.values():
+        for start in range(0, len(indices), batch_size):
+            yield indices[start : start + batch_size]
 
 
 def score_files(
@@ -70,60 +259,94 @@ def score_files(
     paths: Sequence[str | os.PathLike],
     out: str | os.PathLike,
     *,
-    images: Sequence[np.ndarray] | None = None,
+    calibration: Calibration | None = None,
     vmin: float | None = None,
     vmax: float | None = None,
     settings: dict | None = None,
-) -> tuple[list[np.ndarray], np.ndarray, tuple[float, float]]:
-    """Score image files and write their maps, overlays and ``scores.csv`` under ``out``.
+    sizes: Sequence[tuple[int, int]] | None = None,
+    map_dtype: str = "float32",
+) -> ScoredFiles:
+    """Score image files and write their maps, masks, overlays and ``scores.csv`` under ``out``.
 
     Args:
-        detector: a :class:`ustad.uninformed_students.score.Detector`, or an exported model
-            (:class:`ustad.deploy.ExportedDetector`; anything with ``batch_size`` and
+        detector: a family's detector or an exported model (anything with ``batch_size`` and
             ``score(images) -> (maps, scores)``).
         paths: image files (any size; images of one size are scored together).
         out: output folder.
-        images: the images already read (``[H_i, W_i, C]`` float32 in [0, 1]); default: read
-            ``paths`` here.
-        vmin, vmax: the overlays' colour scale; default the run's minimum and maximum.
-        settings: JSON-ready facts written to ``<out>/scoring.json`` with the colour scale
-            (e.g. the workdirs and :attr:`ustad.uninformed_students.score.Detector.settings`); None
-            writes none.
+        calibration: the thresholds (:mod:`ustad.calibration`); None writes scores only.
+        vmin, vmax: the overlays' colour scale; default the calibration's, else the run's
+            minimum and maximum (which needs every map first: the maps are then kept to the end).
+        settings: JSON-ready facts written to ``<out>/scoring.json``; None writes none.
+        sizes: each image's ``(H, W)`` from :func:`scan_images`; default: scanned here.
+        map_dtype: ``"float32"`` (lossless) or ``"float16"`` (compressed) maps.
 
     Returns:
-        ``(maps, scores, (vmin, vmax))``: ``[H_i, W_i]`` maps and ``[N]`` scores in input order.
+        :class:`ScoredFiles`.
 
     Raises:
-        FileNotFoundError, ValueError: an unreadable image (named), or clashing output names.
+        FileNotFoundError, ValueError: an unreadable image (named), clashing output names, an
+            unwritable ``out``, or a write that failed (disk full: one line, what was done).
     """
-    names = output_names(paths)
-    images = [read_image(path) for path in paths] if images is None else images
-    maps, scores = [None] * len(images), np.zeros(len(images), np.float32)
-    by_size: dict[tuple, list[int]] = {}
-    for i, image in enumerate(images):
-        by_size.setdefault(image.shape, []).append(i)
-    with progress(len(images), desc="scoring", unit="img") as bar:
-        for indices in by_size.values():
-            for start in range(0, len(indices), detector.batch_size):
-                chunk = indices[start : start + detector.batch_size]
-                chunk_maps, chunk_scores = detector.score(np.stack([images[i] for i in chunk]))
+    if map_dtype not in MAP_DTYPES:
+        raise ValueError(f"map_dtype must be one of {MAP_DTYPES}, got {map_dtype!r}")
+    names, out = output_names(paths), Path(out)
+    sizes = scan_images(paths) if sizes is None else sizes
+    check_writable(out)
+    input_sizes = getattr(detector, "input_sizes", None)
+    resize_warning = input_sizes and warn_extreme_resizes(sizes, paths, input_sizes)
+    if calibration is not None and vmin is None and vmax is None:
+        vmin, vmax = calibration.colour_scale()
+    deferred = vmin is None or vmax is None  # the run's own scale: overlays wait for all maps
+    rows: list[dict | None] = [None] * len(paths)
+    kept: dict[int, tuple] = {}
+    try:
+        with progress(len(paths), desc="scoring", unit="img") as bar:
+            for chunk in _batches(sizes, detector.batch_size):
+                images = np.stack([read_image(paths[i]) for i in chunk])
+                prediction = decide(*detector.score(images), calibration)
                 for j, i in enumerate(chunk):
-                    maps[i], scores[i] = chunk_maps[j], chunk_scores[j]
+                    if deferred:
+                        kept[i] = (prediction, j)  # the image is read again to draw it
+                    else:
+                        _write_one(out, names[i], images[j], prediction, j, (vmin, vmax), map_dtype)
+                    rows[i] = _row(paths[i], names[i], prediction, j)
                 bar.update(len(chunk))
-    vmin = min(float(m.min()) for m in maps) if vmin is None else vmin
-    vmax = max(float(m.max()) for m in maps) if vmax is None else vmax
-    out = Path(out)
-    for name, image, anomaly_map, score in zip(names, images, maps, scores, strict=True):
-        buffer = io.BytesIO()
-        np.savez(buffer, anomaly_map=anomaly_map.astype(np.float32), score=np.float32(score))
-        atomic_write(out / f"{name}.npz", buffer.getvalue())
-        overlay = overlay_panel(image, anomaly_map, vmin, vmax)
-        atomic_write(out / f"{name}.overlay.png", encode_png(overlay))
-    text = io.StringIO()
-    rows = [(str(path), f"{score:.6g}") for path, score in zip(paths, scores, strict=True)]
-    csv.writer(text, lineterminator="\n").writerows([("path", "score"), *rows])
-    atomic_write(out / "scores.csv", text.getvalue().encode())
+        if deferred:
+            low = min(float(p.maps[j].min()) for p, j in kept.values())
+            high = max(float(p.maps[j].max()) for p, j in kept.values())
+            vmin, vmax = (low if vmin is None else vmin), (high if vmax is None else vmax)
+            for i, (prediction, j) in kept.items():
+                image = read_image(paths[i])
+                _write_one(out, names[i], image, prediction, j, (vmin, vmax), map_dtype)
+        _write_csv(out, rows)
+    except OSError as error:
+        raise _write_failed(error, out, [r for r in rows if r is not None], len(paths)) from None
     if settings is not None:
         record = dict(settings, images=len(paths), vmin=vmin, vmax=vmax)
+        if calibration is not None:
+            record["calibration"] = {
+                k: v
+                for k, v in calibration.record().items()
+                if k not in ("image_scores", "pixel_maxima")
+            }
+        if resize_warning:
+            record["warnings"] = [resize_warning]
         atomic_write(out / "scoring.json", (json.dumps(record, indent=2) + "\n").encode())
-    return maps, scores, (vmin, vmax)
+    scores = np.array([float(r["score"]) for r in rows], np.float32)
+    return ScoredFiles(rows, scores, (float(vmin), float(vmax)))
+
+
+def _write_failed(error: OSError, out: Path, done: list[dict], total: int) -> ValueError:
+    """The one-line error of a failed write; ``scores.csv`` of what was done when possible."""
+    listed = ""
+    if done:
+        try:
+            _write_csv(out, done)
+            listed = f"; {out / 'scores.csv'} lists the {len(done)} scored"
+        except OSError:
+            listed = "; scores.csv could not be written either"
+    what = "disk full" if error.errno == errno.ENOSPC else error.strerror or str(error)
+    where = f" ({error.filename})" if error.filename else ""
+    return ValueError(
+        f"writing under {out} failed: {what}{where}, {len(done)} of {total} images scored{listed}"
+    )

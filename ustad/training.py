@@ -34,11 +34,19 @@ logger = logging.getLogger(__name__)
 # --------------------------------------------------------------------------------- setting up
 
 
+# Settings added after workdirs were written, with the value those workdirs ran with: a run
+# resumed from one compares against it (a missing setting is otherwise not compared).
+SETTING_DEFAULTS = {"val_min_images": 0, "train_steps": 0}
+
+
 def changed_settings(meta: dict, config, names) -> list[str]:
     """``"name=saved (now current)"`` for each of ``names`` whose value in the checkpoint's
     saved config (``meta["config"]``) differs from ``config``'s; settings missing on either
-    side are not compared."""
-    saved = meta.get("config", {})
+    side are not compared, except those in :data:`SETTING_DEFAULTS`, which an older
+    checkpoint ran with at their default."""
+    saved = dict(meta.get("config", {}))
+    for name, default in SETTING_DEFAULTS.items():
+        saved.setdefault(name, default)
     return [
         f"{name}={saved[name]!r} (now {config[name]!r})"
         for name in names
@@ -91,10 +99,15 @@ def run_key(seed: int, impl: str = "threefry2x32") -> jax.Array:
 
 
 def hold_out(
-    images: np.ndarray, val_images: np.ndarray | None, fraction: float, seed: int
+    images: np.ndarray,
+    val_images: np.ndarray | None,
+    fraction: float,
+    seed: int,
+    min_images: int = 0,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(train, validation)`` images: ``val_images`` when given, else ``fraction`` of
-    ``images`` held out (split by ``seed``, :func:`ustad.data.split.split_validation`).
+    ``images`` (at least ``min_images``, at most a quarter) held out (split by ``seed``,
+    :func:`ustad.data.split.split_validation`).
 
     Args:
       images: ``[N, H, W, C]``.
@@ -105,7 +118,7 @@ def hold_out(
     # Imported here: ustad.data pulls in TensorFlow Datasets, which the steps do without.
     from ustad.data.split import split_validation
 
-    train_idx, val_idx = split_validation(len(images), fraction, seed)
+    train_idx, val_idx = split_validation(len(images), fraction, seed, min_images)
     return images[train_idx], images[val_idx]
 
 
@@ -347,3 +360,39 @@ def _log(log: Log, bar, check, step: int, losses: PyTree, clock, steps_per_epoch
         if bar is not None and "loss" in record:
             bar.set_postfix(loss=f"{record['loss']:.4g}", refresh=False)
     return now, done
+
+
+# A mean validation loss this far above the first one means the students got worse than after
+# their first epoch. STFPM's loss is bounded (normalised features), so a too-high learning rate
+# does not overflow, it degrades the students (lr 1000 on its smoke data: 1.72 → 2.21).
+DIVERGENCE_RATIO = 1.2
+
+
+# The best validation loss must improve by less than this over the last quarter of the
+# validations for the run to count as flattened.
+FLAT_IMPROVEMENT = 0.01
+
+
+def check_not_diverged(history: list[float], epoch: int, what: str = "the students") -> None:
+    """Raise ``FloatingPointError`` when the newest mean validation loss is non-finite or
+    :data:`DIVERGENCE_RATIO` × above the first one (a bounded loss does not overflow when the
+    learning rate is too high: it degrades)."""
+    if not np.isfinite(history[-1]):
+        raise FloatingPointError(f"{what}: validation loss {history[-1]} after epoch {epoch}")
+    if len(history) > 1 and history[-1] > DIVERGENCE_RATIO * history[0]:
+        raise FloatingPointError(
+            f"{what} diverged: validation loss {history[-1]:.4g} after epoch "
+            f"{epoch}, above {history[0]:.4g} after the first epoch; lower "
+            f"--config.learning_rate and use a new workdir"
+        )
+
+
+def flattened(history: list[float]) -> bool | None:
+    """Whether the validation loss had flattened by the end: its best over the last quarter of
+    the validations improved on the best before it by less than :data:`FLAT_IMPROVEMENT`
+    (relative); None with fewer than 4 validations (too few to say)."""
+    if len(history) < 4:
+        return None
+    cut = len(history) - max(1, len(history) // 4)
+    before, last = min(history[:cut]), min(history[cut:])
+    return bool(last >= before * (1 - FLAT_IMPROVEMENT))

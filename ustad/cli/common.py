@@ -85,13 +85,20 @@ def score_option_flags(fv: flags.FlagValues, smooth_help: str) -> None:
     flags.DEFINE_enum(
         "reduction", "max", ["max", "mean", "topk"], "image score from the map", flag_values=fv
     )
-    flags.DEFINE_integer("top_k", 100, "pixels averaged by --reduction=topk", flag_values=fv)
+    flags.DEFINE_integer(
+        "top_k",
+        100,
+        "pixels averaged by --reduction=topk (≥ 1, at most the map's pixels)",
+        flag_values=fv,
+    )
     flags.DEFINE_float("smooth_sigma", 0.0, smooth_help, flag_values=fv)
 
 
 def detector_flags(fv: flags.FlagValues) -> None:
     """The flags of a detector over trained workdirs (``ustad score`` and ``ustad evaluate``)."""
-    flags.DEFINE_integer("batch_size", 8, "images per jitted call", flag_values=fv)
+    flags.DEFINE_integer(
+        "batch_size", 8, "images per jitted call (≥ 1)", lower_bound=1, flag_values=fv
+    )
     score_option_flags(
         fv, "Gaussian smoothing of the maps before the image score, σ in pixels (0: none)"
     )

@@ -22,6 +22,13 @@ multi-scale), pro_curves.png, roc_pixel.png, roc_image.png, examples/*.png (imag
 score_histograms.png, with a note that pixel metrics need masks. metrics.json records the
 scoring options (--reduction, --top_k, --smooth_sigma; the defaults are the paper's maps and
 their maximum).
+Operating point (operating_point.json, printed): at the workdirs' calibrated threshold (from good
+images only: calibration.json, see `ustad calibrate`) the image-level false-reject rate, miss
+rate, precision, recall and F1, and with masks pixel F1 and IoU at the pixel threshold; beside
+it the F1-max oracle (the best threshold on these test labels, which a line cannot know).
+report/index.html: a static page (no server) with the metrics, the curves and every test image
+as a thumbnail with its score, decision and ground truth, misses and false alarms first,
+sortable by score.
 Time: as `ustad score` for the test images, plus seconds for the metrics and figures.
 """
 
@@ -52,6 +59,12 @@ def run(fv: flags.FlagValues) -> None:
     family, models = families.load_models(workdirs)
     size = fv["image_size"].value or list(models[0].image_size)
     test = load_mvtec_test(data, image_size=size)
+    if len(set(test.labels.tolist())) < 2:
+        kind = "defective" if test.labels.all() else "good"
+        raise ValueError(
+            f"{data}/test holds only {kind} images: the metrics need both good and defective "
+            f"test images (to set a threshold from good images alone: `ustad calibrate`)"
+        )
     score_maps, image_scores = families.score_sets(family, models, test.images, **detector_options)
     kwargs = {} if test.masks is None else {"examples_per_type": fv["examples_per_type"].value}
     report = write_report(
@@ -70,12 +83,75 @@ def run(fv: flags.FlagValues) -> None:
         },
         **kwargs,
     )
+    operating_point = _operating_point(fv, workdirs, detector_options, test, score_maps,
+                                       image_scores, report.metrics)  # fmt: skip
     print(format_summary(report.metrics))
+    print(_operating_point_lines(operating_point))
     if test.masks is None:
         from ustad.evaluation.image_report import PIXEL_METRICS_NOTE
 
         print(f"(image-level metrics only: {PIXEL_METRICS_NOTE})")
     print(f"\nReport: {os.path.abspath(fv['out'].value)}")
+
+
+def _operating_point(fv, workdirs, options, test, score_maps, image_scores, metrics) -> dict:
+    """Operating-point metrics of the detector's score set (the average of all models, as
+    `ustad score` scores), operating_point.json and report/index.html."""
+    import json
+
+    from ustad.calibration import find_calibration
+    from ustad.evaluation.html_report import write_html_report
+    from ustad.evaluation.operating_point import operating_point_metrics
+    from ustad.io import atomic_write
+
+    name = list(image_scores)[-1]  # one model's set, or the average added last
+    settings = {k: options[k] for k in ("reduction", "top_k", "smooth_sigma")}
+    calibration, why = find_calibration(workdirs, settings)
+    result = operating_point_metrics(
+        image_scores[name], test.labels, score_maps[name], test.masks, calibration
+    )
+    result |= {"score_set": name, "calibration": why or calibration.source}
+    out = Path(fv["out"].value)
+    atomic_write(out / "operating_point.json", (json.dumps(result, indent=2) + "\n").encode())
+    pairs = enumerate(zip(test.types, test.paths, strict=True))
+    names = [f"{i:04d}_{kind}_{Path(path).stem}" for i, (kind, path) in pairs]
+    write_html_report(
+        out / "report", Path(fv["data"].value).resolve().name, test.images, score_maps[name],
+        image_scores[name], test.labels, test.types, names, calibration=calibration,
+        metrics=metrics, operating_point=result,
+    )  # fmt: skip
+    return result
+
+
+def _operating_point_lines(result: dict) -> str:
+    """What evaluate prints about the operating point."""
+
+    def fmt(value):
+        return "n/a" if value is None else f"{value:.3f}"
+
+    lines = []
+    calibrated = result["calibrated"]
+    if calibrated is None:
+        lines.append(f"\nno operating point: {result['calibration']}")
+    else:
+        lines.append(
+            f"\nAt the calibrated threshold {calibrated['threshold']:.4g} ({result['score_set']}; "
+            f"from good images only): false-reject rate {fmt(calibrated['false_reject_rate'])}, "
+            f"miss rate {fmt(calibrated['miss_rate'])}, precision {fmt(calibrated['precision'])}, "
+            f"recall {fmt(calibrated['recall'])}, F1 {fmt(calibrated['f1'])}"
+        )
+        if "pixel_f1" in calibrated:
+            lines.append(
+                f"pixels above {calibrated['pixel_threshold']:.4g}: F1 "
+                f"{fmt(calibrated['pixel_f1'])}, IoU {fmt(calibrated['pixel_iou'])}"
+            )
+    oracle = result["f1_max_oracle"]
+    if oracle is not None:
+        lines.append(
+            f"F1-max oracle (uses the test labels): F1 {fmt(oracle['f1'])} at threshold "
+            f"{oracle['threshold']:.4g}"
+        )
+    return "\n".join(lines)
 
 
 EVALUATE = Command(

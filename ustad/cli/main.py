@@ -3,21 +3,26 @@
 Every command parses its own absl flags; the training commands take an ml_collections config
 file (``--config=configs/students.py:p65``) whose fields are overridden by
 ``--config.<field>=<value>``. ``ustad <command> --help`` says what the command reads, what it
-writes and how long it takes. Errors a user can fix (missing files, bad settings, a diverged
-run) print one ``error:`` line and exit with status 1; ``USTAD_TRACEBACK=1`` shows the
-traceback instead. The commands are in the other modules of :mod:`ustad.cli`, one per group;
-this one only dispatches (no module of ustad imports it).
+writes and how long it takes. A bad command line (an unknown flag, config field or preset, a
+stray argument) prints one ``ustad <command>: …`` line and exits with status 2; an error while
+running (missing files, bad settings, a diverged run) prints one ``ustad: error: …`` line and
+exits with status 1. ``--verbose`` (or ``USTAD_TRACEBACK=1``) shows the traceback instead.
+The commands are in the other modules of :mod:`ustad.cli`, one per group; this one only
+dispatches (no module of ustad imports it).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import textwrap
+import traceback
 
 from absl import flags
 
+from ustad.cli.calibrate import CALIBRATE
 from ustad.cli.common import Command, rewrite_config_args
 from ustad.cli.demo import DEMO
 from ustad.cli.evaluate import EVALUATE
@@ -30,6 +35,7 @@ COMMANDS: dict[str, Command] = {
     "demo": DEMO,
     "train-teacher": TRAIN_TEACHER,
     "train-students": TRAIN_STUDENTS,
+    "calibrate": CALIBRATE,
     "score": SCORE,
     "export": EXPORT,
     "evaluate": EVALUATE,
@@ -45,12 +51,16 @@ def overview() -> str:
     lines = [
         "usage: ustad <command> [--flag=value ...] [--config.<field>=<value> ...]",
         "",
-        "Uninformed Students anomaly detection (Bergmann et al., CVPR 2020) in JAX.",
+        "Unsupervised anomaly detection in JAX, two method families: Uninformed Students",
+        "(Bergmann et al., CVPR 2020; configs/students.py) and STFPM (Wang et al., BMVC 2021;",
+        "configs/stfpm.py). Both train with `ustad train-students` and score with `ustad score`",
+        "and `ustad evaluate`; `ustad export` takes Uninformed Students workdirs only.",
         "",
         "commands:",
         *(f"  {name:<{width}}  {command.summary}" for name, command in COMMANDS.items()),
         "",
-        "`ustad <command> --help` says what a command reads, writes and how long it takes.",
+        "`ustad <command> --help` says what a command reads, writes and how long it takes;",
+        "--verbose shows the Python traceback of an error.",
         "Typical run: ustad train-teacher → ustad train-students → ustad score / ustad evaluate.",
     ]
     return "\n".join(lines)
@@ -126,33 +136,98 @@ def _setup_logging() -> None:
     package.propagate = False
 
 
+# The errors a user can fix by changing a flag, a file or a setting: one line, no traceback.
+USER_ERRORS = (ValueError, OSError, FloatingPointError, ImportError)
+VERBOSE = "--verbose"
+
+
+def _config_error(error: Exception) -> str:
+    """One line for a config file that failed to load or a bad ``--config.<field>``, from
+    ml_collections' multi-line message (which holds a traceback or a repr of a ``KeyError``)."""
+    text = str(error)
+    suggestion = re.search(r'Did you mean "([^"]+)" instead of "([^"]+)"', text)
+    if suggestion:
+        good, bad = suggestion.groups()
+        return f"--config.{bad}: the config has no field {bad!r}; did you mean --config.{good}?"
+    if "Error whilst parsing config file" in text:
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        last = re.sub(r"^\w+(Error|Exception): ", "", lines[-1])
+        where = re.search(r"flag (--config=\S+): Error whilst", text)
+        return f"{where.group(1) if where else '--config'}: {last}"
+    field = re.search(r"'([A-Za-z_][\w.]*)'", text)
+    if isinstance(error, AttributeError | KeyError) and field:
+        return f"--config.{field.group(1)}: the config has no field {field.group(1)!r}"
+    return text.strip().splitlines()[-1] if text.strip() else type(error).__name__
+
+
 def _parse(name: str, command: Command, args: list[str]) -> flags.FlagValues:
     """The command's flags parsed from ``args``.
 
     Raises:
-      flags.Error: a bad or missing flag.
+      flags.Error: a bad or missing flag, a bad config field or preset, or a stray argument.
       OSError: a config file that cannot be read.
     """
     args = [f"ustad {name}", *rewrite_config_args(args)]
     flag_values = flags.FlagValues()
     command.define(flag_values, args)
-    flag_values(args)
+    try:
+        positional = flag_values(args)[1:]
+    except flags.Error as error:
+        raise flags.Error(_config_error(error) if "--config" in str(error) else error) from error
+    except (AttributeError, KeyError, TypeError) as error:  # a --config.<field> override
+        raise flags.Error(_config_error(error)) from error
+    if positional:
+        raise flags.Error(_stray_arguments(positional))
     missing = [f for f in command.required if flag_values[f].value in (None, [], "")]
     if missing:
         raise flags.Error(f"missing {', '.join('--' + f for f in missing)}")
     if "config" in flag_values:
         # A config file that failed to load is a stand-in that raises on first use.
-        flag_values["config"].value.get("__ustad_probe__")
+        try:
+            flag_values["config"].value.get("__ustad_probe__")
+        except (ValueError, AttributeError, KeyError) as error:
+            raise flags.Error(_config_error(error)) from error
     return flag_values
+
+
+def _stray_arguments(positional: list[str]) -> str:
+    """The error for arguments that are not flags: absl would drop them silently, so that an
+    unquoted ``--images dir/*.png`` (expanded by the shell) scored only the first file."""
+    shown = ", ".join(repr(a) for a in positional[:3]) + (" …" if len(positional) > 3 else "")
+    return (
+        f"unexpected argument{'s' if len(positional) > 1 else ''} {shown} ({len(positional)} "
+        f"in all): every value goes in a --flag=value; an unquoted glob such as --images "
+        f"dir/*.png is expanded by the shell into many files, so quote it: --images='dir/*.png'"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``ustad <command> [subcommand] [flags]``; returns the exit status.
 
     Args:
-      argv: ``["ustad", command, *flags]``; default ``sys.argv``.
+      argv: ``["ustad", command, *flags]``; default ``sys.argv``. ``--verbose`` anywhere shows
+        the traceback of an error instead of its one line.
     """
     argv = list(sys.argv if argv is None else argv)
+    verbose = VERBOSE in argv[1:] or os.environ.get("USTAD_TRACEBACK") == "1"
+    argv = [argv[0], *(arg for arg in argv[1:] if arg != VERBOSE)] if argv else argv
+    try:
+        status = _dispatch(argv, verbose)
+        sys.stdout.flush()  # a closed pipe (`ustad teachers | head`) fails here, not at exit
+        return status
+    except BrokenPipeError:
+        # The reader stopped reading: say nothing, and keep Python's exit-time flush quiet.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+    except KeyboardInterrupt:
+        if verbose:
+            raise
+        print("ustad: interrupted", file=sys.stderr)
+        return 130
+
+
+def _dispatch(argv: list[str], verbose: bool) -> int:
     if len(argv) < 2 or argv[1] in _HELP:
         print(overview())
         return 0
@@ -177,20 +252,47 @@ def main(argv: list[str] | None = None) -> int:
     try:
         flag_values = _parse(name, command, args)
     except OSError as error:
+        if verbose:
+            raise
         print(f"ustad {name}: --config: {str(error).splitlines()[-1].strip()}", file=sys.stderr)
         return 2
     except flags.Error as error:
+        if verbose:
+            raise
         print(f"ustad {name}: {error}\n(see `ustad {name} --help`)", file=sys.stderr)
         return 2
     _setup_logging()
+    return _run(command, flag_values, verbose)
+
+
+def _run(command: Command, flag_values: flags.FlagValues, verbose: bool) -> int:
+    """Run the command; an error is one ``ustad: error:`` line (its traceback with --verbose)."""
     try:
-        command.run(flag_values)
-    except (FileNotFoundError, ValueError, FloatingPointError) as error:
-        if os.environ.get("USTAD_TRACEBACK") == "1":
+        status = command.run(flag_values)
+    except BrokenPipeError:
+        raise
+    except USER_ERRORS as error:
+        if verbose:
             raise
-        print(f"error: {error}", file=sys.stderr)
+        print(f"ustad: error: {_one_line(error)}", file=sys.stderr)
         return 1
-    return 0
+    except Exception as error:  # a bug: still one line, with the way to its traceback
+        if verbose:
+            raise
+        where = traceback.extract_tb(error.__traceback__)[-1]
+        print(
+            f"ustad: internal error: {type(error).__name__}: {_one_line(error)} (at "
+            f"{os.path.basename(where.filename)}:{where.lineno}; run again with --verbose for "
+            f"the traceback, and please report it)",
+            file=sys.stderr,
+        )
+        return 1
+    return int(status or 0)  # a command may return its own status (score: 3 = anomalous)
+
+
+def _one_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return " ".join(lines) if lines else type(error).__name__
 
 
 if __name__ == "__main__":

@@ -13,7 +13,9 @@ LIST_DOC = """
 List the teachers ustad can load by name (--config.teacher_workdir=<name>, load_teacher(name)).
 
 Reads: the teachers shipped with ustad and those installed in $USTAD_TEACHERS (default
-~/.cache/ustad/teachers). Writes nothing. Time: instant.
+~/.cache/ustad/teachers). An installed teacher of a shipped teacher's name is listed beside it;
+"loads" says which file the name loads (the installed one only if installed with --force).
+Writes nothing. Time: instant.
 """
 
 
@@ -38,7 +40,7 @@ def run_list(fv: flags.FlagValues) -> None:
     if not teachers:
         print(f"no teachers found (install one into {catalog.teachers_dir()})")
         return
-    header = ("name", "p", "d", "widths", "size", "origin", "path")
+    header = ("name", "p", "d", "widths", "size", "origin", "loads", "path")
     rows = [
         (
             str(t["name"]),
@@ -47,7 +49,10 @@ def run_list(fv: flags.FlagValues) -> None:
             str(t.get("widths", "?")),
             _size(t["bytes"]),
             str(t["origin"]),
-            str(t["path"]) + (f"  (unreadable: {t['error']})" if "error" in t else ""),
+            "yes" if t.get("active", True) else "no",
+            str(t["path"])
+            + (f"  (unreadable: {t['error']})" if "error" in t else "")
+            + (f"  ({t['status']})" if "status" in t else ""),
         )
         for t in teachers
     ]
@@ -66,7 +71,8 @@ one with --allow_unfinished).
 Writes: --out (T̂'s parameters and its decoder D, float32 or --dtype=float16, with a JSON
 header: p, d, widths, P, the patch source and the training config), atomically; with
 --install=NAME also a copy in $USTAD_TEACHERS (default ~/.cache/ustad/teachers), found by
-name wherever ustad takes a teacher (--config.teacher_workdir=NAME). Prints the file's path,
+name wherever ustad takes a teacher (--config.teacher_workdir=NAME; a shipped teacher's name
+only with --force). Prints the file's path,
 size, SHA-256 and parameter count as one JSON line.
 Time: seconds.
 """
@@ -79,7 +85,17 @@ def define_export(fv: flags.FlagValues, argv: list[str]) -> None:
         "dtype", "float32", ["float32", "float16"], "stored parameter type", flag_values=fv
     )
     flags.DEFINE_string("install", "", "also install the file under this name", flag_values=fv)
+    _force_flag(fv)
     _allow_unfinished_flag(fv)
+
+
+def _force_flag(fv: flags.FlagValues) -> None:
+    flags.DEFINE_bool(
+        "force",
+        False,
+        "install under the name of a shipped teacher, replacing it wherever the name is loaded",
+        flag_values=fv,
+    )
 
 
 def _allow_unfinished_flag(fv: flags.FlagValues) -> None:
@@ -91,6 +107,8 @@ def _allow_unfinished_flag(fv: flags.FlagValues) -> None:
 def run_export(fv: flags.FlagValues) -> None:
     from ustad.uninformed_students.teacher import catalog
 
+    if fv["install"].value:  # a name that cannot be installed fails before the export
+        catalog.check_install_name(fv["install"].value, force=fv["force"].value)
     record = catalog.export_teacher(
         fv["workdir"].value,
         fv["out"].value,
@@ -98,7 +116,9 @@ def run_export(fv: flags.FlagValues) -> None:
         allow_unfinished=fv["allow_unfinished"].value,
     )
     if fv["install"].value:
-        installed = catalog.install_teacher(fv["out"].value, fv["install"].value)
+        installed = catalog.install_teacher(
+            fv["out"].value, fv["install"].value, force=fv["force"].value
+        )
         record["installed"] = str(installed)
     print(json.dumps(record))
 
@@ -109,8 +129,9 @@ Install a teacher file under a name, so that ustad finds it by that name.
     ustad teachers install --file=p33.teacher.npz --name=mine33
 
 Reads: --file (a .teacher.npz written by `ustad teachers export`), checked before it is copied.
-Writes: $USTAD_TEACHERS/<name>.teacher.npz (default ~/.cache/ustad/teachers), atomically; an
-installed teacher hides a shipped one of the same name. Prints its path.
+Writes: $USTAD_TEACHERS/<name>.teacher.npz (default ~/.cache/ustad/teachers), atomically, and
+its SHA-256 in INSTALLED.json there (checked whenever it loads). A shipped teacher's name is
+refused unless --force, which makes the installed file replace the shipped one. Prints its path.
 Time: seconds.
 """
 
@@ -118,12 +139,13 @@ Time: seconds.
 def define_install(fv: flags.FlagValues, argv: list[str]) -> None:
     flags.DEFINE_string("file", None, "the teacher file (<name>.teacher.npz)", flag_values=fv)
     flags.DEFINE_string("name", None, "the name to load it by (a plain file stem)", flag_values=fv)
+    _force_flag(fv)
 
 
 def run_install(fv: flags.FlagValues) -> None:
     from ustad.uninformed_students.teacher import catalog
 
-    print(catalog.install_teacher(fv["file"].value, fv["name"].value))
+    print(catalog.install_teacher(fv["file"].value, fv["name"].value, force=fv["force"].value))
 
 
 SHIP_DOC = """
@@ -148,7 +170,7 @@ def define_ship(fv: flags.FlagValues, argv: list[str]) -> None:
 
 
 def run_ship(fv: flags.FlagValues) -> None:
-    from ustad.uninformed_students.teacher import catalog
+    from ustad.uninformed_students.teacher import shipping
 
     try:
         extra = json.loads(fv["extra"].value)
@@ -156,7 +178,7 @@ def run_ship(fv: flags.FlagValues) -> None:
         raise ValueError(f"--extra is not a JSON object: {error}") from error
     if not isinstance(extra, dict):
         raise ValueError(f"--extra must be a JSON object, got {fv['extra'].value!r}")
-    entry = catalog.ship_teacher(
+    entry = shipping.ship_teacher(
         fv["workdir"].value,
         fv["name"].value,
         allow_unfinished=fv["allow_unfinished"].value,

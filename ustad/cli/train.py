@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 
 from absl import flags
 
 from ustad.cli.common import Command, config_flag
+
+logger = logging.getLogger("ustad.cli")
 
 TEACHER_DOC = """
 Pretrain one teacher (paper §3): a patch network distilled from an ImageNet network.
@@ -29,8 +33,11 @@ def define_teacher(fv: flags.FlagValues, argv: list[str]) -> None:
 
 def run_teacher(fv: flags.FlagValues) -> None:
     from ustad.uninformed_students.teacher.train import train_and_evaluate
+    from ustad.workdir_lock import workdir_lock
 
-    module, _, meta = train_and_evaluate(fv["config"].value, fv["workdir"].value)
+    logger.info("setting up: patches, P and the teacher, then compiling the training step…")
+    with workdir_lock(fv["workdir"].value):
+        module, _, meta = train_and_evaluate(fv["config"].value, fv["workdir"].value)
     print(
         f"teacher p={module.patch_size} (d={module.out_dim}, {meta['channels']} channels, "
         f"P={meta['backbone']}: {meta.get('backbone_input')}) saved in {fv['workdir'].value} at "
@@ -71,14 +78,46 @@ def define_students(fv: flags.FlagValues, argv: list[str]) -> None:
     flags.DEFINE_integer("process_id", None, "multi-host: this process's index", flag_values=fv)
 
 
+def validate(config, workdir: str) -> None:
+    """The family's ``validate(config, workdir)``: bad settings, a missing teacher or a workdir
+    holding another run are refused here, before data is read or anything compiles."""
+    from ustad import families
+
+    if families.config_family(config) == families.STFPM:
+        from ustad.stfpm.config import validate as validate_family
+    else:
+        from ustad.uninformed_students.config import validate as validate_family
+    validate_family(config, workdir)
+
+
 def run_students(fv: flags.FlagValues) -> None:
+    import jax
+
     from ustad import families, sharding
+    from ustad.workdir_lock import workdir_lock
 
     if fv["coordinator"].value:
         sharding.initialize_distributed(
             fv["coordinator"].value, fv["num_processes"].value, fv["process_id"].value
         )
-    config = fv["config"].value
+    config, workdir = fv["config"].value, fv["workdir"].value
+    validate(config, workdir)
+    # One process per workdir: a second training into it would interleave its files. On several
+    # hosts, every process runs this command into the same workdir; process 0 holds the lock.
+    lock = workdir_lock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
+    with lock:
+        _make_synthetic_data(config)
+        logger.info(
+            "setting up: reading %s/%s and preparing the teacher, then compiling the "
+            "training step…", config.data_dir, config.category,
+        )  # fmt: skip
+        trained = families.train(config, workdir)
+    for model in trained if isinstance(trained, list | tuple) else [trained]:
+        print(model.describe())
+
+
+def _make_synthetic_data(config) -> None:
+    """The smoke configs' synthetic category, written into ``data_dir`` when it is missing."""
     if config.get("synthetic_data"):
         from ustad.data.synthetic import make_synthetic_category
 
@@ -86,9 +125,6 @@ def run_students(fv: flags.FlagValues) -> None:
             make_synthetic_category(
                 config.data_dir, config.category, image_size=config.image_size, num_train=12
             )
-    trained = families.train(config, fv["workdir"].value)
-    for model in trained if isinstance(trained, list | tuple) else [trained]:
-        print(model.describe())
 
 
 TRAIN_TEACHER = Command(

@@ -2,8 +2,9 @@
 
 Every reader in `ustad.data` goes through these functions so that all datasets agree on
 channel handling (grayscale images become 3 identical channels unless `grayscale=True`),
-resampling (images bilinear with antialiasing, masks nearest) and error messages (an unreadable
-file raises an error that names it).
+resampling (images bilinear with antialiasing, masks nearest), orientation (a JPEG's EXIF
+orientation tag is applied, so arrays and maps are upright as image viewers show them) and
+error messages (an unreadable file raises an error that names it).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from ustad.host_images import luma, resize_bilinear
 from ustad.io import atomic_write
@@ -177,11 +178,19 @@ def _pil_to_float(img: Image.Image) -> np.ndarray:
     return np.asarray(img.convert("RGB"), np.float32) / 255.0
 
 
+# EXIF orientations (1–8) that swap height and width: transposed, or rotated by 90° or 270°.
+_SWAPPING_ORIENTATIONS = (5, 6, 7, 8)
+_ORIENTATION_TAG = 0x0112
+
+
 def _open_and_convert(path: Path, convert, *, load: bool = True):
     try:
         with Image.open(path) as img:
             if load:
                 img.load()
+                # Cameras store pixels in sensor order and the rotation in the EXIF tag.
+                if img.getexif().get(_ORIENTATION_TAG, 1) != 1:
+                    img = ImageOps.exif_transpose(img)
             return convert(img)
     except FileNotFoundError:
         raise FileNotFoundError(f"Image file not found: {path}") from None
@@ -200,7 +209,8 @@ def read_image(path: str | os.PathLike, *, grayscale: bool = False) -> np.ndarra
         grayscale: return one luminance channel instead of three.
 
     Returns:
-        `[H, W, C]` float32 in [0, 1]; `C = 1` if `grayscale` else 3 (gray images are repeated).
+        `[H, W, C]` float32 in [0, 1], upright (an EXIF orientation tag is applied); `C = 1` if
+        `grayscale` else 3 (gray images are repeated).
 
     Raises:
         FileNotFoundError: `path` does not exist.
@@ -216,12 +226,19 @@ def read_image(path: str | os.PathLike, *, grayscale: bool = False) -> np.ndarra
 
 
 def read_image_size(path: str | os.PathLike) -> tuple[int, int]:
-    """`(H, W)` of an image file from its header (the pixels are not decoded).
+    """`(H, W)` of an image file from its header (the pixels are not decoded), upright as
+    `read_image` returns it.
 
     Raises:
         FileNotFoundError, ValueError: as `read_image` (the message names the file).
     """
-    return _open_and_convert(Path(path), lambda img: (img.height, img.width), load=False)
+
+    def upright_size(img: Image.Image) -> tuple[int, int]:
+        orientation = img.getexif().get(_ORIENTATION_TAG, 1)
+        swap = orientation in _SWAPPING_ORIENTATIONS
+        return (img.width, img.height) if swap else (img.height, img.width)
+
+    return _open_and_convert(Path(path), upright_size, load=False)
 
 
 def read_mask(path: str | os.PathLike) -> np.ndarray:

@@ -21,8 +21,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from scipy import ndimage
-from skimage import data as skdata
-from skimage import draw
 
 from ustad.data.images import as_size, resize_image, to_uint8
 
@@ -33,11 +31,25 @@ PHOTOS = ("astronaut", "camera", "chelsea", "coffee", "coins", "moon", "rocket",
 DEFECT_TYPES = ("scratch", "stain", "foreign", "hole")
 
 
+def _skimage(module: str):
+    """``skimage.<module>``, imported only when synthetic data is made: training and scoring
+    image folders do not need scikit-image (a plain ``pip install`` may lack it)."""
+    import importlib
+
+    try:
+        return importlib.import_module(f"skimage.{module}")
+    except ImportError as error:
+        raise ImportError(
+            "synthetic data (the demo, the smoke configs) needs scikit-image, which is not "
+            "installed here: pip install scikit-image (training on your own images does not)"
+        ) from error
+
+
 @functools.cache
 def _source(name: str) -> np.ndarray:
     if name not in TEXTURES + PHOTOS:
         raise ValueError(f"Unknown texture {name!r}; choose from {TEXTURES + PHOTOS}")
-    array = np.asarray(getattr(skdata, name)())
+    array = np.asarray(getattr(_skimage("data"), name)())
     if array.ndim == 2:
         array = array[..., None]
     array = array[..., :3].astype(np.float32) / 255.0
@@ -122,7 +134,7 @@ def _blob_region(shape, rng, scale=(0.05, 0.13)):
     for _ in range(int(rng.integers(2, 6))):
         offset = rng.normal(0.0, 0.05 * side, size=2)
         radii = rng.uniform(*scale, size=2) * side
-        rr, cc = draw.ellipse(
+        rr, cc = _skimage("draw").ellipse(
             *(centre + offset), *radii, shape=shape, rotation=rng.uniform(0, np.pi)
         )
         region[rr, cc] = True
@@ -138,7 +150,7 @@ def _polygon_region(shape, rng):
     rows = centre[0] + radii * np.sin(angles)
     cols = centre[1] + radii * np.cos(angles)
     region = np.zeros(shape, bool)
-    rr, cc = draw.polygon(rows, cols, shape=shape)
+    rr, cc = _skimage("draw").polygon(rows, cols, shape=shape)
     region[rr, cc] = True
     return region
 

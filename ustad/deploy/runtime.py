@@ -22,6 +22,43 @@ from ustad.host_images import as_unit_float, convert_channels, resize_bilinear
 
 SUFFIXES = (".onnx", ".jaxexport")
 
+# The host resizes this runner can do (``input_contract["resize"]`` of a header): PIL's
+# antialiased bilinear filter, as the students' Detector.
+RESIZE_METHODS = ("pil_bilinear_antialias",)
+
+
+def input_contract(header: dict) -> dict:
+    """What the file takes, from its header: ``{"size": [H, W], "channels": C, "color": "RGB" |
+    "gray", "value_range": [0, 1], "dtype": "float32", "resize": method}``; files older than the
+    field get it from ``image_size`` and ``channels``.
+
+    Raises:
+      ValueError: a contract this runner cannot honour (another range, dtype or resize), or one
+        that contradicts the header's size and channels.
+    """
+    size, channels = [int(s) for s in header["image_size"]], int(header["channels"])
+    contract = header.get("input_contract") or {
+        "size": size,
+        "channels": channels,
+        "color": "RGB" if channels == 3 else "gray",
+        "value_range": [0.0, 1.0],
+        "dtype": "float32",
+        "resize": RESIZE_METHODS[0],
+    }
+    problems = []
+    if list(contract.get("size", [])) != size or contract.get("channels") != channels:
+        problems.append(f"size/channels {contract.get('size')}×{contract.get('channels')} vs "
+                        f"image_size {size} and channels {channels}")  # fmt: skip
+    if contract.get("color") != ("RGB" if channels == 3 else "gray"):
+        problems.append(f"color {contract.get('color')!r} for {channels} channels")
+    if list(contract.get("value_range", [])) != [0.0, 1.0] or contract.get("dtype") != "float32":
+        problems.append(f"values {contract.get('dtype')} in {contract.get('value_range')}")
+    if contract.get("resize") not in RESIZE_METHODS:
+        problems.append(f"resize {contract.get('resize')!r} (this runner does {RESIZE_METHODS})")
+    if problems:
+        raise ValueError(f"input contract this runner cannot honour: {'; '.join(problems)}")
+    return contract
+
 
 def read_header(path: str | os.PathLike) -> dict:
     """The header of an exported file (see :func:`ustad.deploy.header`)."""
@@ -50,6 +87,8 @@ class ExportedDetector:
 
     Attributes:
       header: the file's metadata; ``image_size`` ``(H, W)`` and ``channels`` C it takes.
+      contract: :func:`input_contract` of the header, checked when loading.
+      calibration: the :class:`ustad.calibration.Calibration` stored in the file, or None.
     """
 
     def __init__(self, path: str | os.PathLike, *, batch_size: int = 8, threads: int = 0):
@@ -59,6 +98,17 @@ class ExportedDetector:
         self.header = read_header(self.path)
         self.image_size = tuple(self.header["image_size"])
         self.channels = int(self.header["channels"])
+        try:
+            self.contract = input_contract(self.header)
+        except ValueError as error:
+            raise ValueError(f"{self.path}: {error}") from None
+        self.calibration = None
+        if self.header.get("calibration"):
+            from ustad.calibration import Calibration
+
+            self.calibration = Calibration.from_record(
+                self.header["calibration"], f"{self.path} (calibration in its header)"
+            )
         self.batch_size = batch_size
         if self.path.suffix == ".onnx":
             self._run = _onnx_runner(self.path, threads)
@@ -85,6 +135,8 @@ class ExportedDetector:
           ValueError: another shape (the message names the exported one) or range.
         """
         images = as_unit_float(images)
+        if not np.isfinite(images).all():
+            raise ValueError(f"{self.path.name}: the images hold NaN or inf values")
         expected = (*self.image_size, self.channels)
         if images.ndim != 4 or images.shape[1:] != expected:
             raise ValueError(
@@ -105,6 +157,7 @@ class ExportedDetector:
             raise ValueError(f"images must be [N, H, W, C], got shape {images.shape}")
         count, height, width = images.shape[:3]
         if (height, width) != self.image_size:
+            self._warn_if_resized_twice((height, width))
             images = np.stack([resize_bilinear(image, self.image_size) for image in images])
         maps, scores = self(images)
         if maps.shape[1:] != (height, width):
@@ -113,6 +166,46 @@ class ExportedDetector:
             maps = np.asarray(jax.image.resize(maps, (count, height, width), "linear"))
             scores = _reduce(maps, self.header["reduction"], self.header["top_k"])
         return maps, scores
+
+    def _warn_if_resized_twice(self, size: tuple[int, int]) -> None:
+        """Once: images of another size than the file's are resized on the host, and a scale
+        trained at a third size resizes them again inside the graph."""
+        trained = {tuple(s) for s in self.header.get("training_sizes", [])} - {self.image_size}
+        if not trained or getattr(self, "_warned_twice", False):
+            return
+        self._warned_twice = True
+        import logging
+
+        logging.getLogger("ustad").warning(
+            "images of %d×%d are resized to %d×%d on the host and then to the students' "
+            "training size %s inside the model (resized twice, which blurs small defects and "
+            "lowers scores); export without --size, or score images of %d×%d",
+            *size, *self.image_size, " and ".join(f"{h}×{w}" for h, w in sorted(trained)),
+            *self.image_size,
+        )  # fmt: skip
+
+    def predict(self, images, calibration=None):
+        """:meth:`score` with the decisions of ``calibration`` (default: the one stored in the
+        file); a :class:`ustad.calibration.Prediction` as
+        :meth:`ustad.detector.MapDetector.predict`."""
+        from ustad.calibration import decide
+
+        maps, scores = self.score(images)
+        return decide(maps, scores, self.calibration if calibration is None else calibration)
+
+    @property
+    def input_sizes(self) -> list[tuple[int, int]]:
+        """The one ``(H, W)`` the file scores at."""
+        return [self.image_size]
+
+    @property
+    def settings(self) -> dict:
+        """The scoring options fixed in the file (no smoothing)."""
+        return {
+            "reduction": self.header["reduction"],
+            "top_k": int(self.header["top_k"]),
+            "smooth_sigma": 0.0,
+        }
 
 
 def load(path: str | os.PathLike, **kwargs) -> ExportedDetector:

@@ -33,13 +33,16 @@ from pathlib import Path
 
 import numpy as np
 
-from ustad.deploy.runtime import SUFFIXES, ExportedDetector, load, read_header
+from ustad.deploy.runtime import RESIZE_METHODS, SUFFIXES, ExportedDetector, load, read_header
+from ustad.deploy.verify import CHECK_TOLERANCE, check_export, verify_export
 
 __all__ = [
+    "CHECK_TOLERANCE",
     "DEFAULT_METHOD",
     "FORMAT",
     "SUFFIXES",
     "ExportedDetector",
+    "check_export",
     "export",
     "export_jax",
     "export_onnx",
@@ -47,6 +50,7 @@ __all__ = [
     "load",
     "load_scales",
     "read_header",
+    "verify_export",
 ]
 
 
@@ -61,13 +65,12 @@ INPUT, OUTPUTS = "images", ("anomaly_map", "image_score")
 DEFAULT_METHOD = "multipool"
 
 
-# The largest |exported − Detector.score| accepted by the check after an export, relative to
-# max(1, max |map|): float32 rounding of the same arithmetic in another order.
-CHECK_TOLERANCE = 1e-4
-
-
-def header(scales, *, size, channels, reduction, top_k, method, sources=None) -> dict:
-    """The metadata stored in an exported file (JSON-serialisable)."""
+def header(
+    scales, *, size, channels, reduction, top_k, method, sources=None, calibration=None
+) -> dict:
+    """The metadata stored in an exported file (JSON-serialisable): what it is, its input
+    contract (checked by :func:`ustad.deploy.runtime.input_contract` when loaded) and the
+    calibration's record (thresholds and the good images' scores; None when uncalibrated)."""
     from ustad import __version__
     from ustad.uninformed_students.export_graph import teacher_sha256
 
@@ -89,6 +92,17 @@ def header(scales, *, size, channels, reduction, top_k, method, sources=None) ->
         ],
         "input": f"{INPUT} [N, {size[0]}, {size[1]}, {channels}] float32 in [0, 1]",
         "outputs": [f"{OUTPUTS[0]} [N, {size[0]}, {size[1]}] float32", f"{OUTPUTS[1]} [N] float32"],
+        "input_contract": {
+            "size": [int(s) for s in size],
+            "channels": int(channels),
+            "color": "RGB" if int(channels) == 3 else "gray",
+            "value_range": [0.0, 1.0],
+            "dtype": "float32",
+            # ExportedDetector.score resizes other sizes on the host with this filter, as the
+            # students' Detector does (the model itself takes exactly `size`).
+            "resize": RESIZE_METHODS[0],
+        },
+        "calibration": None if calibration is None else calibration.record(),
     }
 
 
@@ -150,7 +164,7 @@ def _resolve(scales, size, channels):
     return size, channels
 
 
-def _prepare(scales, size, channels, reduction, top_k, method, sources):
+def _prepare(scales, size, channels, reduction, top_k, method, sources, calibration=None):
     """``(header, score, weights)`` for :func:`export_jax` and :func:`export_onnx`."""
     from ustad.uninformed_students.export_graph import make_scorer, scale_weights
 
@@ -163,6 +177,7 @@ def _prepare(scales, size, channels, reduction, top_k, method, sources):
         top_k=top_k,
         method=method,
         sources=sources,
+        calibration=calibration,
     )
     score = make_scorer(scales, size=size, reduction=reduction, top_k=top_k, method=method)
     return meta, score, [scale_weights(scale) for scale in scales]
@@ -179,6 +194,7 @@ def export_jax(
     method: str = DEFAULT_METHOD,
     sources=None,
     platforms: Sequence[str] = ("cpu", "cuda", "tpu"),
+    calibration=None,
 ) -> dict:
     """Write the scorer as a ``.jaxexport`` file (serialized StableHLO + weights + header).
 
@@ -191,6 +207,8 @@ def export_jax(
       method: dense extraction, ``"atrous"`` or ``"multipool"`` (both exact).
       sources: each scale's teacher name for the header.
       platforms: what the program is lowered for (one program, chosen at load time).
+      calibration: the :class:`ustad.calibration.Calibration` stored in the header (its
+        settings must be this file's: ``reduction``, ``top_k``, no smoothing).
 
     Returns:
       The header.
@@ -199,7 +217,9 @@ def export_jax(
 
     from ustad.io import atomic_write
 
-    meta, score, weights = _prepare(scales, size, channels, reduction, top_k, method, sources)
+    meta, score, weights = _prepare(
+        scales, size, channels, reduction, top_k, method, sources, calibration
+    )
     size, channels = meta["image_size"], meta["channels"]
     leaves, treedef = jax.tree.flatten(weights)
 
@@ -234,6 +254,7 @@ def export_onnx(
     method: str = DEFAULT_METHOD,
     sources=None,
     opset: int = 23,
+    calibration=None,
 ) -> dict:
     """Write the scorer as an ONNX model (``pip install ustad[export]``).
 
@@ -251,7 +272,9 @@ def export_onnx(
         ) from error
     from ustad.io import atomic_write
 
-    meta, score, weights = _prepare(scales, size, channels, reduction, top_k, method, sources)
+    meta, score, weights = _prepare(
+        scales, size, channels, reduction, top_k, method, sources, calibration
+    )
     size, channels = meta["image_size"], meta["channels"]
     with _quiet_converter():
         model = to_onnx(
@@ -278,8 +301,11 @@ def export_onnx(
     return meta
 
 
-def export(scales, path: str | os.PathLike, *, check: bool = True, **kwargs) -> dict:
+def export(scales, path: str | os.PathLike, *, check: bool = True, verify=None, **kwargs) -> dict:
     """Write the scorer in the format ``path``'s suffix names (``.onnx`` or ``.jaxexport``).
+
+    The file is written under a temporary name next to ``path`` and renamed into place only
+    after the checks pass, so a failed check leaves no file.
 
     Args:
       scales: :class:`ustad.uninformed_students.checkpoints.ScaleModel` s.
@@ -287,58 +313,42 @@ def export(scales, path: str | os.PathLike, *, check: bool = True, **kwargs) -> 
       check: score two random images with the written file and with
         :meth:`ustad.uninformed_students.score.Detector.score` and raise if they differ
         (:func:`check_export`).
-      **kwargs: see :func:`export_jax` (``platforms``) and :func:`export_onnx` (``opset``).
+      verify: the user's images to compare on as well (:func:`verify_export`): ``[N, H, W, C]``
+        or an iterable of such batches, any size.
+      **kwargs: see :func:`export_jax` (``platforms``, ``calibration``) and :func:`export_onnx`
+        (``opset``).
 
     Returns:
-      The header, with ``"check"`` (the measured differences) when checked.
+      The header, with ``"check"`` and ``"verify"`` (the measured differences) when done.
     """
-    suffix = Path(path).suffix
-    if suffix not in SUFFIXES:
+    path = Path(path)
+    if path.suffix not in SUFFIXES:
         raise ValueError(f"{path}: the file name must end in {' or '.join(SUFFIXES)}")
-    meta = (export_onnx if suffix == ".onnx" else export_jax)(scales, path, **kwargs)
-    if check and any(list(scale.image_size) != meta["image_size"] for scale in scales):
-        # The graph resizes with JAX's antialiased bilinear filter, the Detector with PIL's:
-        # close, not equal to float rounding (tests/test_deploy.py checks the graph's resize).
-        meta["check"] = {"skipped": "exported for another size than the students' training size"}
-    elif check:
-        meta["check"] = check_export(scales, path)
+    calibration = kwargs.get("calibration")
+    if calibration is not None:
+        check_calibration_settings(
+            calibration, kwargs.get("reduction", "max"), kwargs.get("top_k", 100)
+        )
+    staged = path.with_name(f".{path.stem}.unchecked{path.suffix}")
+    meta = (export_onnx if path.suffix == ".onnx" else export_jax)(scales, staged, **kwargs)
+    try:
+        if check:
+            meta["check"] = check_export(scales, staged)
+        if verify is not None:
+            meta["verify"] = verify_export(scales, staged, verify, calibration)
+        os.replace(staged, path)
+    finally:
+        staged.unlink(missing_ok=True)
     return meta
 
 
-def check_export(scales, path: str | os.PathLike, *, count: int = 2, seed: int = 0) -> dict:
-    """Compare an exported file with :meth:`ustad.uninformed_students.score.Detector.score` on
-    random images.
-
-    Args:
-      scales: the scales that were exported.
-      path: the exported file.
-      count: random images ``[count, H, W, C]``, uniform in [0, 1].
-      seed: their seed.
-
-    Returns:
-      ``{"max_abs_map", "max_abs_score", "max_abs_reference", "tolerance"}``.
-
-    Raises:
-      ValueError: a difference beyond :data:`CHECK_TOLERANCE` × max(1, max |map|).
-    """
-    from ustad.uninformed_students.score import Detector
-
-    detector = load(path)
-    meta = detector.header
-    shape = (count, *meta["image_size"], meta["channels"])
-    images = np.random.default_rng(seed).uniform(size=shape).astype(np.float32)
-    reference = Detector(scales, reduction=meta["reduction"], top_k=meta["top_k"]).score(images)
-    maps, scores = detector(images)
-    result = {
-        "max_abs_map": float(np.abs(maps - reference[0]).max()),
-        "max_abs_score": float(np.abs(scores - reference[1]).max()),
-        "max_abs_reference": float(np.abs(reference[0]).max()),
-    }
-    result["tolerance"] = CHECK_TOLERANCE * max(1.0, result["max_abs_reference"])
-    worst = max(result["max_abs_map"], result["max_abs_score"])
-    if not worst <= result["tolerance"]:
+def check_calibration_settings(calibration, reduction: str, top_k: int) -> None:
+    """Raise ``ValueError`` unless ``calibration`` was made for this image score without
+    smoothing (what an exported file computes)."""
+    want = {"reduction": reduction, "top_k": int(top_k), "smooth_sigma": 0.0}
+    have = {k: calibration.settings.get(k) for k in want}
+    if have != want:
         raise ValueError(
-            f"{path} scores differently from Detector.score: max |Δ| {worst:.3g} on maps of "
-            f"up to {result['max_abs_reference']:.3g} (tolerance {result['tolerance']:.3g})"
+            f"the calibration was made for {have}, the file scores with {want}: calibrate with "
+            f"these options (ustad calibrate --reduction/--top_k) or export with the calibration's"
         )
-    return result

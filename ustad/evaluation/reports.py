@@ -201,8 +201,32 @@ def one_class_auroc(scores, test_classes, normal_class) -> float:
     return metrics.image_auroc(scores, test_classes != normal_class)
 
 
+# Why a metric can be undefined (NaN), for the error that refuses to write it.
+UNDEFINED_METRICS = {
+    "image_auroc": "image AUROC needs both good and defective test images (test/good/ and "
+    "test/<defect type>/); this test set has only one kind",
+}
+
+
+def check_defined(rows: Sequence[dict], columns: Sequence[str]) -> None:
+    """``ValueError`` when a metric of ``rows`` is NaN: a table of NaN is no result, and a
+    command that wrote one would exit 0 (e.g. ``evaluate`` on a test set of good images)."""
+    for row in rows:
+        for column in columns:
+            value = row.get(column)
+            if isinstance(value, float) and np.isnan(value):
+                why = UNDEFINED_METRICS.get(column, "the metric is undefined for this test set")
+                label = ", ".join(str(row[c]) for c in ("category", "scale") if c in row)
+                raise ValueError(f"{column} of {label or 'a row'} is NaN: {why}")
+
+
 def write_table(rows: list[dict], columns: Sequence[str], out_dir, name, metadata) -> list[Path]:
-    """`<name>.json` ({"columns", "rows", "metadata"}), `<name>.csv` and `<name>.md`."""
+    """`<name>.json` ({"columns", "rows", "metadata"}), `<name>.csv` and `<name>.md`.
+
+    Raises:
+      ValueError: a metric is NaN (:func:`check_defined`); nothing is written then.
+    """
+    check_defined(rows, columns)
     out_dir = Path(out_dir)
     document = {"columns": list(columns), "rows": rows, "metadata": dict(metadata or {})}
     text = io.StringIO()

@@ -125,6 +125,8 @@ RESUME_SETTINGS = (
     "teacher_weights",
     "num_students",
     "epochs",
+    "train_steps",
+    "val_min_images",
     "batch_size",
     "learning_rate",
     "momentum",

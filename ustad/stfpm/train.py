@@ -66,8 +66,10 @@ from ustad.training import (
     Saves,
     check_images,
     check_member_losses,
+    check_not_diverged,
     data_fingerprint,
     epoch_batches,
+    flattened,
     hold_out,
     member_losses,
     process_writer,
@@ -97,6 +99,12 @@ class _Run:
     steps_per_epoch: int
     total_steps: int
     select_best: bool  # each student keeps its epoch of lowest validation loss
+    # The mean validation loss after each validation of this process (not kept on resume).
+    val_history: list = dataclasses.field(default_factory=list)
+
+    @property
+    def epochs(self) -> int:
+        return self.total_steps // self.steps_per_epoch
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -133,7 +141,9 @@ def train_stfpm(
         val_images = convert_channels(check_images(val_images), 3)
     fingerprint = data_fingerprint(images)
     key = run_key(config.seed, config.get("prng_impl", "threefry2x32"))
-    train_images, val_images = hold_out(images, val_images, config.val_fraction, config.seed)
+    train_images, val_images = hold_out(
+        images, val_images, config.val_fraction, config.seed, config.get("val_min_images", 0)
+    )
     stfpm.check_score(config.score, config.combination)
     if config.select not in ("best_val", "last"):
         raise ValueError(f"--config.select={config.select!r}: 'best_val' or 'last'")
@@ -180,9 +190,23 @@ def _setup(config, network, train_images, val_images) -> _Run:
         shard_members,
         resolve_member_strategy(config.member_strategy, sharded=shard_members, network="pyramid"),
         steps_per_epoch,
-        config.epochs * steps_per_epoch,
+        scheduled_epochs(config, steps_per_epoch) * steps_per_epoch,
         select_best=config.select == "best_val" and len(val_images) > 0,
     )
+
+
+def scheduled_epochs(config, steps_per_epoch: int) -> int:
+    """Whole epochs to train: the fewest that reach ``config.train_steps`` updates when it is set
+    (> 0: a count of updates holds for a category of 40 images and of 800), else
+    ``config.epochs`` (the paper's count)."""
+    updates = config.get("train_steps", 0) or 0
+    if int(updates) != updates or updates < 0:
+        raise ValueError(f"--config.train_steps must be an integer ≥ 0, got {updates!r}")
+    if updates:
+        return -(-int(updates) // steps_per_epoch)
+    if int(config.epochs) != config.epochs or config.epochs < 1:
+        raise ValueError(f"--config.epochs must be a positive integer, got {config.epochs!r}")
+    return int(config.epochs)
 
 
 def _initial_state(config, run: _Run, teacher: PyTree, key: jax.Array) -> PyTree:
@@ -226,7 +250,7 @@ def _base_meta(config, run: _Run, teacher_source: str, fingerprint: str) -> dict
 
 
 def _train_loop(config, run: _Run, state, start_step, checkpointer, writer, base_meta, t0):
-    """Epochs ``start_step // steps_per_epoch … config.epochs − 1``: steps, validation after
+    """Epochs ``start_step // steps_per_epoch … run.epochs − 1``: steps, validation after
     each epoch (and the best students kept), a checkpoint at each epoch's end; returns the
     final state."""
     cache = _teacher_cache(config, run, state["teacher"])
@@ -312,6 +336,7 @@ def _validation(config, run: _Run, writer) -> Hook:
     weights = None if weights is None else tuple(weights)
     loss_fn = validation_loss_fn(run.network, weights, run.strategy)
     keep_best = keep_best_fn()
+    history = run.val_history
 
     def validate(step: int, state: PyTree) -> PyTree:
         epoch = step // run.steps_per_epoch - 1
@@ -330,6 +355,8 @@ def _validation(config, run: _Run, writer) -> Hook:
         if writer:
             per_student = {f"val_loss_{i}": float(v) for i, v in enumerate(val)}
             writer.write(step, epoch=epoch, val_loss=float(val.mean()), **per_student)
+        history.append(float(val.mean()))
+        check_not_diverged(history, epoch, "the STFPM students")
         return state
 
     return Hook(Every(epochs=config.eval_every_epochs, final=True), validate)
@@ -360,15 +387,23 @@ def _finish(config, run: _Run, state, checkpointer, writer, base_meta, t0, workd
         )
     state = dict(state, students=final)
     elapsed = time.perf_counter() - t0
+    flat = flattened(run.val_history)
+    if flat is False:
+        logger.warning(
+            "the STFPM validation loss was still falling at the end of training (%s): more "
+            "updates would likely help (--config.train_steps)",
+            " → ".join(f"{v:.4g}" for v in run.val_history[-4:]),
+        )
     selected = shd.to_host(state["best"]["epoch"]).tolist() if run.select_best else None
     meta = dict(
         base_meta,
         step=run.total_steps,
         train_seconds=elapsed,
-        selected_epochs=selected or [config.epochs - 1] * config.num_students,
+        selected_epochs=selected or [run.epochs - 1] * config.num_students,
         score_normalization=normalization.tolist(),
         normalization_images=len(norm_images),
         normalization_source="validation" if len(run.val_images) else "train",
+        val_loss_flattened=flat,
     )
     checkpointer.save(run.total_steps, state, meta)
     if writer:
@@ -383,7 +418,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     Returns:
         The trained :class:`~ustad.stfpm.checkpoints.STFPMModel`.
     """
+    return train_stfpm(config, workdir, training_images(config))
+
+
+def training_images(config: ml_collections.ConfigDict) -> np.ndarray:
+    """``config.data_dir/config.category/train/good`` at ``config.image_size``: ``[N, H, W,
+    C]`` float32 in [0, 1]."""
     from ustad.data.mvtec import load_mvtec_train
 
-    images, _ = load_mvtec_train(config.data_dir, config.category, image_size=config.image_size)
-    return train_stfpm(config, workdir, images)
+    return load_mvtec_train(config.data_dir, config.category, image_size=config.image_size)[0]
+
+
+def held_out_images(config: ml_collections.ConfigDict) -> np.ndarray:
+    """The good images :func:`train_and_evaluate` held out for validation (the same split):
+    ``[V, H, W, C]``, for calibrating the trained detector."""
+    images = training_images(config)
+    fraction, seed = config.val_fraction, config.seed
+    return hold_out(images, None, fraction, seed, config.get("val_min_images", 0))[1]

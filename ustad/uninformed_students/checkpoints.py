@@ -153,6 +153,9 @@ RESUME_SETTINGS = (
     "lr_schedule",
     "warmup_steps",
     "scale_epochs",
+    "train_steps",
+    "val_min_images",
+    "scale_train_steps",
 )
 
 

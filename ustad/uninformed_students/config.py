@@ -11,8 +11,10 @@ import ml_collections
 
 # Students.
 PATCH_SIZES = {"p17": (17,), "p33": (33,), "p65": (65,), "multiscale": (17, 33, 65)}
-# Epochs per scale of the ``cpu`` preset (a p = 33 step costs ~2× a p = 17 one on CPU).
-CPU_EPOCHS = {"p17": 10, "p33": 12}
+# Updates per scale of the ``cpu`` preset (a p = 33 step costs ~2× a p = 17 one on CPU): the
+# 10 and 12 epochs it was measured with on bottle (188 training images in pairs: 94 updates an
+# epoch), now a count that holds for a category of any size.
+CPU_UPDATES = {"p17": 940, "p33": 1128}
 
 
 def students_base_config() -> ml_collections.ConfigDict:
@@ -27,6 +29,9 @@ def students_base_config() -> ml_collections.ConfigDict:
     config.keep_aspect = False
     config.grayscale = False
     config.val_fraction = 0.1  # paper: "a validation set"; its size is unstated
+    # ... but at least this many images (at most a quarter): 10 % of a 54-image category is 5
+    # images, too few pixels for stable score statistics.
+    config.val_min_images = 8
     config.synthetic_data = False  # write a synthetic category into data_dir first (smoke)
 
     # Networks. The teacher: a name (the teachers shipped with ustad: `ustad teachers` lists
@@ -40,6 +45,9 @@ def students_base_config() -> ml_collections.ConfigDict:
 
     # Optimisation (paper §4): Adam 1e-4, weight decay 1e-5 (L2, as PyTorch), batch 1.
     config.epochs = 100
+    # > 0: train at least this many updates (whole epochs) instead of ``epochs``;
+    # ``scale_train_steps`` ({"p17": n, ...}) sets it per scale.
+    config.train_steps = 0
     config.batch_size = 1
     config.learning_rate = 1e-4
     config.weight_decay = 1e-5
@@ -95,14 +103,14 @@ def students_config(arg: str = "p65") -> ml_collections.ConfigDict:
         # reached only 0.53 in 10 minutes; 256² gave p = 17 0.64 after 8 epochs against 0.76 at
         # 128²), whole images in pairs at a constant Adam rate of 3e-3 (30× the paper's: 1e-3
         # plateaued lower, 1e-2 broke the students; a cosine decay and exact-context crops both
-        # measured worse), epochs per scale sized to ~30 minutes of training on 2 AVX2 CPU cores.
+        # measured worse), updates per scale sized to ~30 minutes of training on 2 AVX2 CPU cores
+        # (bottle's 10 / 12 epochs, as a count of updates that does not shrink with the data).
         config.image_size = 128
         config.patch_sizes = (17, 33)
         config.teacher_workdir = "p{p}_small"
         config.batch_size = 2
         config.learning_rate = 3e-3
-        config.epochs = CPU_EPOCHS["p33"]
-        config.scale_epochs = dict(CPU_EPOCHS)
+        config.scale_train_steps = dict(CPU_UPDATES)
         return config
     if arg.endswith("_small") and arg[: -len("_small")] in PATCH_SIZES:
         # The shipped small teachers (⅛ widths, d = 32); students share their architecture.
@@ -249,3 +257,112 @@ def teacher_config(arg: str = "p65") -> ml_collections.ConfigDict:
     raise ValueError(
         f"unknown config {arg!r}; choose p17, p33, p65, p17_small, p33_small, p65_small or smoke"
     )
+
+
+# Validation: bad settings and a workdir that holds another run are refused before the trainer
+# loads data or compiles anything (each of these once surfaced only after 17–37 s of set-up).
+_POSITIVE_INTS = ("epochs", "num_students", "batch_size", "stats_batch_size", "eval_batch_size")
+_NON_NEGATIVE_INTS = (
+    "warmup_steps", "crop_size", "checkpoint_every_steps", "train_steps", "val_min_images",
+)  # fmt: skip
+_CHOICES = {
+    "lr_schedule": ("constant", "cosine"),
+    "compute_dtype": ("float32", "bfloat16"),
+    "member_strategy": ("auto", "vmap", "sequential"),
+    "target_cache": ("auto", "float32", "float16", "none"),
+}
+
+
+def validate(config: ml_collections.ConfigDict, workdir: str | None = None) -> None:
+    """Refuse settings no run can use, a teacher that cannot be found, and a ``workdir`` that
+    holds a run with other settings, in one line naming the ``--config.<field>`` at fault.
+
+    Cheap: reads no image, compiles nothing, and reads only the checkpoints' JSON metadata.
+
+    Args:
+      config: a students config (:func:`students_config`, overridden on the command line).
+      workdir: the run's ``--workdir``; ``None`` skips the resume check.
+
+    Raises:
+      ValueError: a bad setting, or a workdir holding a run that differs.
+      FileNotFoundError: no teacher of the name in ``teacher_workdir``.
+    """
+    for name in _POSITIVE_INTS:
+        _check_int(config, name, 1)
+    for name in _NON_NEGATIVE_INTS:
+        _check_int(config, name, 0)
+    for field in ("scale_epochs", "scale_train_steps"):
+        for p_name, count in (config.get(field) or {}).items():
+            if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+                raise ValueError(f"--config.{field}.{p_name}={count!r}: must be an integer ≥ 1")
+    if not float(config.learning_rate) > 0 or config.learning_rate == float("inf"):
+        raise ValueError(f"--config.learning_rate={config.learning_rate!r}: must be > 0")
+    if not float(config.weight_decay) >= 0:
+        raise ValueError(f"--config.weight_decay={config.weight_decay!r}: must be ≥ 0")
+    if not 0 <= float(config.val_fraction) < 1:
+        raise ValueError(f"--config.val_fraction={config.val_fraction!r}: must be in [0, 1)")
+    for name, choices in _CHOICES.items():
+        if name in config and config[name] not in choices:
+            raise ValueError(f"--config.{name}={config[name]!r}: choose one of {choices}")
+    sizes = tuple(config.patch_sizes)
+    if not sizes or any(p not in (17, 33, 65) for p in sizes) or len(set(sizes)) != len(sizes):
+        raise ValueError(
+            f"--config.patch_sizes={sizes!r}: distinct receptive fields among 17, 33 and 65"
+        )
+    _check_teachers(config)
+    if workdir is not None:
+        _check_resume(config, workdir)
+
+
+def _check_int(config, name: str, low: int) -> None:
+    value = config.get(name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"--config.{name}={value!r}: must be an integer ≥ {low}")
+
+
+def _check_teachers(config) -> None:
+    """Each scale's teacher resolves (a workdir, a file or a name), or the error lists the
+    teachers that exist and how to train or pass one."""
+    if config.teacher_workdir == "random":
+        return
+    from ustad.uninformed_students.teacher.catalog import resolve_teacher
+
+    for p in config.patch_sizes:
+        resolve_teacher(str(config.teacher_workdir).format(p=p))
+
+
+def _check_resume(config, workdir: str) -> None:
+    """The checks the trainer makes on resuming (:func:`ustad.uninformed_students.checkpoints.
+    check_compatible`), on the checkpoints' metadata only: the same message, before set-up."""
+    from pathlib import Path
+
+    from ustad.checkpointing import workdir_metadata
+    from ustad.training import changed_settings
+    from ustad.uninformed_students.checkpoints import FORMAT, RESUME_SETTINGS
+
+    sizes = tuple(config.patch_sizes)
+    folders = [Path(workdir)] if len(sizes) == 1 else [Path(workdir) / f"p{p}" for p in sizes]
+    for folder, p in zip(folders, sizes, strict=True):
+        meta = workdir_metadata(folder)
+        if meta is None:
+            continue
+        if meta.get("format") != FORMAT:
+            raise ValueError(
+                f"{folder} holds a {meta.get('family', meta.get('format'))!r} run, not "
+                f"Uninformed Students; use a new --workdir"
+            )
+        expected = (("patch_size", "patch_sizes", p), ("num_students", "num_students", None))
+        for name, flag, value in expected:
+            value = int(config.num_students) if value is None else value
+            if name in meta and meta[name] != value:
+                raise ValueError(
+                    f"{folder} holds a run with {name}={meta[name]}, but this run has {value} "
+                    f"(--config.{flag}); use a new --workdir, or the old setting to resume it"
+                )
+        changed = changed_settings(meta, config, RESUME_SETTINGS)
+        if changed:
+            state = "finished" if meta.get("score_normalization") else "unfinished"
+            raise ValueError(
+                f"{folder} holds a {state} run trained with {', '.join(changed)}; use a new "
+                f"--workdir, or the old settings to resume it"
+            )

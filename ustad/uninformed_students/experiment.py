@@ -137,7 +137,7 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | os.PathLike
         scale_dir = workdir / "students" / f"p{p}"
         print(
             f"[ustad] students p={p}: M={students_config.num_students}, "
-            f"{students_lib.scale_epochs(students_config, p)} epochs → {scale_dir}",
+            f"{_schedule(students_config, p)} → {scale_dir}",
             flush=True,
         )
         students_lib.train_students(students_config, scale_dir, train_images, patch_size=p)
@@ -162,9 +162,7 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | os.PathLike
             "image_size": config.image_size,
             "patch_sizes": list(config.patch_sizes),
             "num_students": config.students.num_students,
-            "epochs": {
-                f"p{p}": students_lib.scale_epochs(config.students, p) for p in config.patch_sizes
-            },  # fmt: skip
+            "schedule": {f"p{p}": _schedule(config.students, p) for p in config.patch_sizes},
             "image_score": "max of the anomaly map",
             "timings_s": {k: round(v, 2) for k, v in timings.items()},
         },
@@ -175,3 +173,13 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | os.PathLike
     summary["seconds"] = {k: round(v, 2) for k, v in timings.items()}
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _schedule(students_config, p: int) -> str:
+    """``"<n> updates"`` or ``"<n> epochs"``: how long the students of scale p train."""
+    from ustad.uninformed_students import train as students_lib
+
+    updates = students_lib.scale_updates(students_config, p)
+    if updates:
+        return f"≥ {updates} updates"
+    return f"{students_lib.scale_epochs(students_config, p)} epochs"

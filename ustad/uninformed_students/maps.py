@@ -21,6 +21,7 @@ normalisation) and :class:`ustad.uninformed_students.score.Detector`.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -113,6 +114,7 @@ def compute_normalization(
     padding: str = "reflect",
     put=None,
     member_strategy: str = "auto",
+    progress: Callable[[int], None] | None = None,
 ) -> ScoreNormalization:
     """e_μ, e_σ, v_μ, v_σ over every pixel of ``images`` (streamed, Chan merge in float64).
 
@@ -123,6 +125,7 @@ def compute_normalization(
       padding: dense-extraction padding.
       put: places a host batch on the devices (default ``jnp.asarray``).
       member_strategy: see :func:`resolve_member_strategy`.
+      progress: called with the number of images done after each batch.
     """
     put = put or jnp.asarray
     strategy = resolve_member_strategy(member_strategy)
@@ -131,6 +134,8 @@ def compute_normalization(
     for start in range(0, len(images), batch_size):
         moments = shd.to_host(moments_of(params, put(images[start : start + batch_size])))
         total = moments if total is None else merge_moments(total, moments)
+        if progress is not None:
+            progress(len(images[start : start + batch_size]))
     if total is None:
         raise ValueError("compute_normalization needs at least one image")
     return normalization_from_moments(merge_moments(empty_moments(2), total))

@@ -16,10 +16,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ustad.knn import min_squared_distances
 from ustad.uninformed_students.dense import dense_apply
 from ustad.uninformed_students.nets import PatchNet
 
-__all__ = ["memory_bank", "nearest_neighbour_distances", "nearest_neighbour_maps"]
+__all__ = ["memory_bank", "nearest_neighbour_maps"]
 
 
 PyTree = Any
@@ -71,44 +72,8 @@ def memory_bank(
     return np.concatenate(parts)
 
 
-def _min_squared_distances(queries: jax.Array, bank: jax.Array, chunk: int) -> jax.Array:
-    """``[Q, d]``, ``[B, d]`` -> ``[Q]``: squared distance to the nearest bank row."""
-    bank_sq = jnp.sum(bank * bank, axis=-1)
-    count = queries.shape[0]
-    padded = -(-count // chunk) * chunk
-    queries = jnp.pad(queries, ((0, padded - count), (0, 0)))
-
-    def one(block):
-        # ||q − b||² = ||q||² − 2 q·b + ||b||²: one matmul per chunk, never a [Q, B, d] array.
-        cross = jnp.dot(block, bank.T, precision=jax.lax.Precision.HIGHEST)
-        return jnp.sum(block * block, axis=-1) + jnp.min(bank_sq[None] - 2 * cross, axis=-1)
-
-    out = jax.lax.map(one, queries.reshape(-1, chunk, queries.shape[-1]))
-    return jnp.maximum(out.reshape(-1)[:count], 0.0)
 
 
-def nearest_neighbour_distances(
-    queries: np.ndarray, bank: np.ndarray, *, chunk: int = 2048
-) -> np.ndarray:
-    """Exact Euclidean distance from each query to its nearest neighbour in the bank.
-
-    Both sets are centred on the bank's mean first (distances are unchanged, float32
-    cancellation in ``||q||² − 2 q·b + ||b||²`` much smaller).
-
-    Args:
-      queries: ``[Q, d]``.
-      bank: ``[B, d]``.
-      chunk: queries per matmul (memory ``chunk·B`` floats).
-
-    Returns:
-      ``[Q]`` float32.
-    """
-    bank = jnp.asarray(bank, jnp.float32)
-    centre = jnp.mean(bank, axis=0)
-    squared = jax.jit(_min_squared_distances, static_argnames="chunk")(
-        jnp.asarray(queries, jnp.float32) - centre, bank - centre, chunk=chunk
-    )
-    return np.sqrt(np.asarray(squared))
 
 
 @functools.partial(jax.jit, static_argnames=("module", "padding", "chunk"))
@@ -116,7 +81,7 @@ def _nn_map_batch(module, padding, chunk, variables, images, bank, centre):
     descriptors = dense_apply(module, variables, images, padding=padding)
     batch, height, width, dim = descriptors.shape
     flat = descriptors.reshape(-1, dim) - centre
-    squared = _min_squared_distances(flat, bank - centre, chunk)
+    squared = min_squared_distances(flat, bank - centre, chunk)
     return jnp.sqrt(squared).reshape(batch, height, width)
 
 

@@ -39,6 +39,7 @@ import numpy as np
 from ustad import sharding as shd
 from ustad.checkpointing import CHECKPOINT_SUBDIR, Checkpointer
 from ustad.ensemble import ScoreNormalization, check_normalization
+from ustad.metric_writer import progress
 from ustad.stats import descriptor_stats
 from ustad.training import (
     Every,
@@ -128,7 +129,9 @@ def train_students(
     workdir = Path(workdir)
     images = check_images(images)
     key = run_key(config.seed, config.get("prng_impl", "threefry2x32"))
-    train_images, val_images = hold_out(images, val_images, config.val_fraction, config.seed)
+    train_images, val_images = hold_out(
+        images, val_images, config.val_fraction, config.seed, config.get("val_min_images", 0)
+    )
     module, teacher_vars, teacher_source = _teacher(config, teacher, patch_size, images, key)
     run = _setup(config, module, train_images, val_images)
     state = _initial_state(config, run, teacher_vars, key)
@@ -186,7 +189,7 @@ def _setup(config, module: PatchNet, train_images, val_images) -> _Run:
         if batch_size > len(train_images):
             raise ValueError(f"batch_size={batch_size} > {len(train_images)} training images")
         steps_per_epoch = len(train_images) // batch_size  # full batches only
-    total_steps = scale_epochs(config, module.patch_size) * steps_per_epoch
+    total_steps = scale_epochs(config, module.patch_size, steps_per_epoch) * steps_per_epoch
     compute_dtype = jnp.dtype(config.get("compute_dtype", "float32"))
     # Cloning only when needed keeps the student equal (and hash-equal) to the teacher module,
     # so the cached jitted functions are shared with other callers.
@@ -325,16 +328,18 @@ def _finish(config, run: _Run, state, checkpointer, writer, base_meta, workdir) 
     norm_images = val_images if len(val_images) else run.train_images
     if not len(val_images):
         logger.warning("no validation images: normalising scores on the training images")
-    normalization = compute_normalization(
-        module,
-        module,
-        score_params(state),
-        norm_images,
-        batch_size=config.eval_batch_size,
-        padding=config.padding,
-        put=functools.partial(shd.shard_batch, mesh=run.mesh),
-        member_strategy=config.get("member_strategy", "auto"),
-    )
+    with progress(len(norm_images), desc="score normalisation", unit="img") as bar:
+        normalization = compute_normalization(
+            module,
+            module,
+            score_params(state),
+            norm_images,
+            batch_size=config.eval_batch_size,
+            padding=config.padding,
+            put=functools.partial(shd.shard_batch, mesh=run.mesh),
+            member_strategy=config.get("member_strategy", "auto"),
+            progress=bar.update,
+        )
     check_normalization(normalization, module.out_dim, f"the students in {workdir}")
     meta = dict(
         base_meta,
@@ -349,9 +354,37 @@ def _finish(config, run: _Run, state, checkpointer, writer, base_meta, workdir) 
     return scale_model(module, state, normalization, run.image_size, run.channels, config)
 
 
-def scale_epochs(config: ml_collections.ConfigDict, patch_size: int) -> int:
-    """The epochs of the scale ``patch_size``: ``config.scale_epochs["p<p>"]`` when the config
-    sets it (a multi-scale run may give its cheap scales more epochs), else ``config.epochs``."""
+def scale_updates(config: ml_collections.ConfigDict, patch_size: int) -> int:
+    """The updates the scale ``patch_size`` trains for at least, or 0 when the config counts
+    epochs: ``config.scale_train_steps["p<p>"]``, else ``config.train_steps`` (0 = epochs).
+
+    A count of updates does not depend on the category's size: 15 epochs of a 54-image
+    category are 4× fewer updates than of a 200-image one, and too few to learn."""
+    by_scale = config.get("scale_train_steps") or {}
+    value = by_scale.get(f"p{patch_size}", config.get("train_steps", 0) or 0)
+    if int(value) != value or value < 0:
+        raise ValueError(
+            f"train_steps for p={patch_size} must be an integer ≥ 0 (0 = count epochs), got "
+            f"{value!r}"
+        )
+    return int(value)
+
+
+def scale_epochs(
+    config: ml_collections.ConfigDict, patch_size: int, steps_per_epoch: int = 0
+) -> int:
+    """The epochs of the scale ``patch_size``.
+
+    With updates configured (:func:`scale_updates`), the fewest whole epochs of
+    ``steps_per_epoch`` steps that reach them; else ``config.scale_epochs["p<p>"]`` when the
+    config sets it (a multi-scale run may give its cheap scales more epochs), else
+    ``config.epochs``.
+    """
+    updates = scale_updates(config, patch_size)
+    if updates:
+        if steps_per_epoch < 1:
+            raise ValueError("steps_per_epoch is needed to turn train_steps into epochs")
+        return -(-updates // steps_per_epoch)
     by_scale = config.get("scale_epochs") or {}
     value = by_scale.get(f"p{patch_size}", config.epochs)
     if int(value) != value or value < 1:
@@ -377,6 +410,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     Returns:
       The trained :class:`~ustad.uninformed_students.checkpoints.ScaleModel` of each scale.
     """
+    images = training_images(config)
+    scales = []
+    for p in config.patch_sizes:
+        scale_dir = Path(workdir) if len(config.patch_sizes) == 1 else Path(workdir) / f"p{p}"
+        scales.append(train_students(config, scale_dir, images, patch_size=p))
+    return scales
+
+
+def training_images(config: ml_collections.ConfigDict) -> np.ndarray:
+    """``config.data_dir/config.category/train/good`` as the students train on it:
+    ``[N, H, W, C]`` float32 in [0, 1] (see :func:`train_and_evaluate`)."""
     from ustad.data.mvtec import load_mvtec_train
 
     images, _ = load_mvtec_train(
@@ -387,8 +431,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         keep_aspect=config.get("keep_aspect", False),
         multiple=inputs.size_multiple(config.patch_sizes),
     )
-    scales = []
-    for p in config.patch_sizes:
-        scale_dir = Path(workdir) if len(config.patch_sizes) == 1 else Path(workdir) / f"p{p}"
-        scales.append(train_students(config, scale_dir, images, patch_size=p))
-    return scales
+    return images
+
+
+def held_out_images(config: ml_collections.ConfigDict) -> np.ndarray:
+    """The good images :func:`train_and_evaluate` held out of training (the same split):
+    ``[V, H, W, C]``, for calibrating the trained detector."""
+    images = training_images(config)
+    fraction, seed = config.val_fraction, config.seed
+    return hold_out(images, None, fraction, seed, config.get("val_min_images", 0))[1]

@@ -6,15 +6,21 @@ students and paper configs), it takes a workdir, a teacher file
 user's teachers dir (``$USTAD_TEACHERS`` or ``~/.cache/ustad/teachers``, where
 :func:`install_teacher` copies files) and then among the teachers shipped inside the package
 (``ustad/teachers/``, listed with their SHA-256 in its ``MANIFEST.json``, checked on load).
-:func:`list_teachers` lists both; :func:`export_teacher` turns a workdir into a file and
+:func:`install_teacher` records each installed file's SHA-256 in ``INSTALLED.json`` beside it
+(checked on load too) and refuses a shipped teacher's name unless forced, so that a teacher of
+another p or d cannot silently take a shipped one's place; :func:`list_teachers` lists both,
+saying which one a name loads; :func:`export_teacher` turns a workdir into a file and
 :func:`ship_teacher` (maintainers) adds one to the package with its manifest entry. The trainer
 (:mod:`ustad.uninformed_students.teacher.train`) imports this module, never the other way round.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -32,21 +38,22 @@ from ustad.uninformed_students.teacher.files import (
     write_teacher_file,
 )
 
+logger = logging.getLogger(__name__)
+
 __all__ = [
+    "INSTALLED",
     "MANIFEST",
     "SUFFIX",
+    "check_install_name",
     "choose_teachers",
     "export_teacher",
     "install_teacher",
     "list_teachers",
     "load_decoder",
     "load_teacher",
-    "probe_summary",
     "resolve_teacher",
-    "ship_teacher",
     "shipped_dir",
     "teachers_dir",
-    "training_minutes",
 ]
 
 
@@ -54,6 +61,8 @@ SUFFIX = ".teacher.npz"
 
 
 MANIFEST = "MANIFEST.json"
+# In the teachers dir: {name: {"sha256", "source", "replaces_shipped"}} of installed files.
+INSTALLED = "INSTALLED.json"
 
 
 def teachers_dir() -> Path:
@@ -67,7 +76,7 @@ def shipped_dir() -> Path:
     return Path(__file__).resolve().parents[2] / "teachers"
 
 
-def _manifest() -> dict:
+def read_manifest() -> dict:
     path = shipped_dir() / MANIFEST
     if not path.exists():
         return {}
@@ -96,7 +105,7 @@ def load_teacher(
     """
     source = resolve_teacher(workdir)
     if source.is_file():
-        return read_teacher_file(source, sha256=_shipped_sha256(source))
+        return read_teacher_file(source, sha256=_expected_sha256(source))
     step, state, meta = _restore_workdir(source)
     if step < meta["total_steps"] and not allow_unfinished:
         raise ValueError(
@@ -168,50 +177,98 @@ def export_teacher(
 
 def resolve_teacher(name_or_path: str | os.PathLike) -> Path:
     """A workdir or file as given; else a name: ``<teachers dir>/<name>.teacher.npz`` (the
-    user's own, which win), then the shipped ``ustad/teachers/<name>.teacher.npz``."""
+    user's own), then the shipped ``ustad/teachers/<name>.teacher.npz``.
+
+    An installed file of a shipped teacher's name is used only when it was installed with
+    ``force=True`` (:func:`install_teacher`); otherwise the name is ambiguous and refused.
+
+    Raises:
+      FileNotFoundError: no such workdir, file or name; the message lists the names and says
+        how to train or pass a teacher.
+      ValueError: an installed file hides a shipped teacher without having been forced to.
+    """
     path = Path(name_or_path)
     if path.exists():
         return path
     if os.sep not in str(name_or_path):
-        for folder in (teachers_dir(), shipped_dir()):
-            named = folder / f"{name_or_path}{SUFFIX}"
-            if named.exists():
-                return named
-    available = sorted(entry["name"] for entry in list_teachers())
-    raise FileNotFoundError(
-        f"no teacher {str(name_or_path)!r}: not a workdir or file, and not a name in "
-        f"{teachers_dir()} (set $USTAD_TEACHERS) or among the shipped teachers (names: "
-        f"{available or 'none'}). Train one with `ustad train-teacher`, or export one with "
-        f"`ustad teachers export`"
+        installed = teachers_dir() / f"{name_or_path}{SUFFIX}"
+        shipped = shipped_dir() / f"{name_or_path}{SUFFIX}"
+        if installed.exists():
+            record = _installed_records().get(str(name_or_path), {})
+            if shipped.exists() and not record.get("replaces_shipped"):
+                raise ValueError(
+                    f"teacher name {str(name_or_path)!r} is both shipped with ustad and installed "
+                    f"in {installed} (not with --force): which one is meant is unclear. Rename "
+                    f"the installed file, or install it again with `ustad teachers install "
+                    f"--file={installed} --name={name_or_path} --force` to make it win"
+                )
+            return installed
+        if shipped.exists():
+            return shipped
+    raise FileNotFoundError(_missing_teacher_message(str(name_or_path)))
+
+
+def _missing_teacher_message(name: str) -> str:
+    """Which teachers exist, and how to use a shipped one or train one and pass it on."""
+    available = sorted({entry["name"] for entry in list_teachers() if "error" not in entry})
+    wanted = re.fullmatch(r"(p(?:17|33|65))(_small)?", name)
+    preset = wanted.group(0) if wanted else "<p17|p33|p65>"
+    folder = f"runs/teacher_{wanted.group(0) if wanted else 'p<p>'}"
+    use = "Train"
+    if wanted and not wanted.group(2) and f"{wanted.group(1)}_small" in available:
+        small = f"{wanted.group(1)}_small"
+        use = f"Use the shipped {small} (--config=configs/students.py:{small}), or train"
+    return (
+        f"no teacher {name!r}: not a workdir or file, and not a name in {teachers_dir()} (set "
+        f"$USTAD_TEACHERS) or among the shipped teachers (names: "
+        f"{', '.join(available) or 'none'}; `ustad teachers` lists them). {use} one with `ustad "
+        f"train-teacher --config=configs/teacher.py:{preset} --workdir={folder}` and pass "
+        f"--config.teacher_workdir={folder}"
     )
 
 
-def _shipped_sha256(path: Path) -> str | None:
-    """The manifest's SHA-256 for a shipped file (so a damaged install fails loudly)."""
-    if path.resolve().parent != shipped_dir():
+def _expected_sha256(path: Path) -> str | None:
+    """The SHA-256 a named file must have: the manifest's for a shipped file, the one recorded
+    at install for an installed one (so a damaged or swapped file fails loudly)."""
+    folder = path.resolve().parent
+    name = path.name[: -len(SUFFIX)] if path.name.endswith(SUFFIX) else None
+    if name is None:
         return None
-    entry = _manifest().get(path.name[: -len(SUFFIX)])
-    return entry["sha256"] if entry else None
+    if folder == shipped_dir().resolve():
+        entry = read_manifest().get(name)
+        return entry["sha256"] if entry else None
+    if folder == teachers_dir().resolve():
+        return _installed_records().get(name, {}).get("sha256")
+    return None
+
+
+def _installed_records() -> dict:
+    path = teachers_dir() / INSTALLED
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path} cannot be read ({error}); delete it and reinstall") from error
 
 
 def list_teachers() -> list[dict]:
     """Every teacher loadable by name: the user's installed ones, then the shipped ones.
 
     Returns:
-      One dict per name (an installed file hides a shipped one of the same name): ``name,
-      origin`` (``"installed"`` or ``"shipped"``), ``path, bytes, patch_size, out_dim, widths,
-      steps, source`` (the photos it was distilled on), ``backbone``, and for shipped teachers
-      ``sha256`` and the manifest's probe figures. A file that cannot be read is listed with an
-      ``error`` instead of its header fields.
+      One dict per file: ``name, origin`` (``"installed"`` or ``"shipped"``), ``active``
+      (whether the name loads this file: an installed file of a shipped name is listed beside
+      the shipped one, and wins only when installed with ``force``; ``status`` says why not),
+      ``path, bytes, patch_size, out_dim, widths, steps, source`` (the photos it was distilled
+      on), ``backbone``, and for shipped teachers ``sha256`` and the manifest's probe figures.
+      A file that cannot be read is listed with an ``error`` instead of its header fields.
     """
-    manifest = _manifest()
-    found: dict[str, dict] = {}
+    manifest, records = read_manifest(), _installed_records()
+    found: list[dict] = []
     for origin, folder in (("installed", teachers_dir()), ("shipped", shipped_dir())):
         for path in sorted(folder.glob(f"*{SUFFIX}")) if folder.is_dir() else []:
             name = path.name[: -len(SUFFIX)]
-            if name in found:
-                continue
-            entry = {"name": name, "origin": origin, "path": str(path)}
+            entry = {"name": name, "origin": origin, "path": str(path), "active": True}
             entry["bytes"] = path.stat().st_size
             try:
                 header = read_header(path)
@@ -228,77 +285,68 @@ def list_teachers() -> list[dict]:
                 )
             if origin == "shipped" and name in manifest:
                 entry.update({k: v for k, v in manifest[name].items() if k not in entry})
-            found[name] = entry
-    return list(found.values())
+            found.append(entry)
+    installed = {e["name"]: e for e in found if e["origin"] == "installed"}
+    for entry in found:
+        twin = installed.get(entry["name"]) if entry["origin"] == "shipped" else None
+        if twin is None:
+            continue
+        if records.get(entry["name"], {}).get("replaces_shipped"):
+            entry["active"], entry["status"] = False, "hidden by the installed one"
+        else:
+            for e in (entry, twin):
+                e["active"], e["status"] = False, "ambiguous: installed without --force"
+    return found
 
 
-def install_teacher(path: str | os.PathLike, name: str) -> Path:
-    """Check a teacher file and copy it to the teachers dir as ``name`` (then
-    ``load_teacher(name)`` finds it)."""
+def check_install_name(name: str, *, force: bool = False) -> None:
+    """``ValueError`` unless ``name`` is a plain file stem, and not a shipped teacher's name
+    (unless ``force``): checked before anything is exported or copied."""
     if not name or os.sep in name or name.startswith("."):
         raise ValueError(f"a teacher name is a plain file stem, got {name!r}")
-    read_teacher_file(path)
+    if (shipped_dir() / f"{name}{SUFFIX}").exists() and not force:
+        raise ValueError(
+            f"{name!r} is the name of a teacher shipped with ustad; installing another file "
+            f"under it would replace the shipped one wherever {name!r} is loaded: choose "
+            f"another name (e.g. my_{name}), or pass --force to replace it"
+        )
+
+
+def install_teacher(path: str | os.PathLike, name: str, *, force: bool = False) -> Path:
+    """Check a teacher file and copy it to the teachers dir as ``name`` (then
+    ``load_teacher(name)`` finds it), recording its SHA-256 (checked on every load).
+
+    Args:
+      path: a ``.teacher.npz`` file.
+      name: the name to load it by (a plain file stem).
+      force: install under a shipped teacher's name, which the installed file then replaces
+        wherever that name is loaded.
+
+    Raises:
+      ValueError: a bad name, a bad file, or a shipped teacher's name without ``force``.
+    """
+    check_install_name(name, force=force)
+    _, _, header = read_teacher_file(path)
+    shipped = shipped_dir() / f"{name}{SUFFIX}"
     target = teachers_dir() / f"{name}{SUFFIX}"
     target.parent.mkdir(parents=True, exist_ok=True)
     temporary = target.with_name(f".{target.name}.tmp")
     shutil.copyfile(path, temporary)
-    os.replace(temporary, target)
-    return target
-
-
-def ship_teacher(
-    workdir: str | os.PathLike,
-    name: str,
-    *,
-    allow_unfinished: bool = False,
-    extra: dict | None = None,
-) -> dict:
-    """Maintainers: export ``workdir`` as a shipped float16 teacher and record it in the
-    manifest (replacing an entry of the same name).
-
-    Args:
-      workdir: a teacher workdir.
-      name: the name users load it by (e.g. ``"p33"``, ``"p33_small"``).
-      allow_unfinished: ship a run that stopped early (its step is recorded).
-      extra: more manifest fields (wall time, device, probe figures).
-
-    Returns:
-      The manifest entry: ``name, file, sha256, bytes, patch_size, out_dim, widths, steps,
-      source, backbone, backbone_input`` and ``extra``.
-    """
-    if not name or os.sep in name or name.startswith("."):
-        raise ValueError(f"a teacher name is a plain file stem, got {name!r}")
-    folder = shipped_dir()
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{name}{SUFFIX}"
-    record = export_teacher(workdir, path, dtype="float16", allow_unfinished=allow_unfinished)
-    _, _, header = read_teacher_file(path, sha256=record["sha256"])
-    entry = {
-        "name": name,
-        "file": path.name,
-        "sha256": record["sha256"],
-        "bytes": record["bytes"],
-        "parameters": record["parameters"],
+    sha256 = hashlib.sha256(temporary.read_bytes()).hexdigest()
+    records = _installed_records()
+    records[name] = {
+        "sha256": sha256,
+        "source": str(Path(path).resolve()),
         "patch_size": header["patch_size"],
         "out_dim": header["out_dim"],
-        "widths": header["config"].get("widths"),
-        "steps": header["step"],
-        "batch_size": header["config"].get("batch_size"),
-        "source": header["source"],
-        "backbone": header["backbone"],
-        "backbone_input": header["backbone_input"],
-        "compactness_mode": header["config"].get("compactness_mode"),
-        "lambda_c": header["config"].get("lambda_c"),
+        "replaces_shipped": bool(shipped.exists()),
     }
-    entry.update(extra or {})
-    entries = {e["name"]: e for e in _manifest().values()}
-    entries[name] = entry
-    manifest = {
-        "format": "ustad-teachers-manifest/1",
-        "teachers": sorted(entries.values(), key=lambda e: e["name"]),
-    }
-    atomic_write(folder / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
-    return entry
+    os.replace(temporary, target)
+    atomic_write(teachers_dir() / INSTALLED, (json.dumps(records, indent=1) + "\n").encode())
+    if shipped.exists():
+        logger.warning("installed %s as %r: it replaces the shipped %r wherever that name is "
+                       "loaded", path, name, name)  # fmt: skip
+    return target
 
 
 def choose_teachers(patch_sizes, spec: str = "auto") -> dict[int, str]:
@@ -333,47 +381,3 @@ def choose_teachers(patch_sizes, spec: str = "auto") -> dict[int, str]:
         else:
             raise FileNotFoundError(f"no teacher for p={p} (ustad teachers lists: {sorted(names)})")
     return chosen
-
-
-def training_minutes(workdir: str | os.PathLike) -> float:
-    """Wall minutes a teacher workdir trained for, from its ``metrics.jsonl``: the first record's
-    steps at its rate, then each interval at the rate logged at its end (a run resumed after a
-    stop is counted by its steps, not by the gap between the sessions)."""
-    text = (Path(workdir) / "metrics.jsonl").read_text()
-    records = [json.loads(line) for line in text.splitlines() if line.strip()]
-    first = records[0]
-    seconds = first["step"] / first["steps_per_s"]
-    for before, after in zip(records, records[1:], strict=False):
-        seconds += (after["step"] - before["step"]) / after["steps_per_s"]
-    return round(seconds / 60, 1)
-
-
-def probe_summary(lines: list[dict], source: str) -> dict:
-    """The manifest's probe figures of one teacher, per dataset.
-
-    Args:
-      lines: ``benchmarks/teacher_quality.py`` records.
-      source: the teacher source whose lines count (a workdir or snapshot file).
-
-    Returns:
-      ``{dataset: {"descriptor_probe": {au_pro, pixel_auroc, image_auroc}, "student_probe":
-      …, "r2_decoder", "mean_abs_offdiag_corr"}}`` from the σ = 4 smoothed figures, with the
-      probes a line holds.
-    """
-    out = {}
-    for line in lines:
-        if line["teacher"]["source"] != source:
-            continue
-        entry = {}
-        for probe in ("descriptor", "student"):
-            if probe in line:
-                figures = line[probe]["figures"]["smoothed_sigma4"]
-                entry[f"{probe}_probe"] = {
-                    k: figures[k] for k in ("au_pro", "pixel_auroc", "image_auroc")
-                }
-        if "distill" in line:
-            figures = line["distill"]["figures"]
-            entry["r2_decoder"] = figures["r2_decoder"]
-            entry["mean_abs_offdiag_corr"] = figures["mean_abs_offdiag_corr"]
-        out[line["dataset"]] = entry
-    return out

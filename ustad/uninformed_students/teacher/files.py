@@ -40,8 +40,6 @@ __all__ = [
 ]
 
 
-
-
 FORMAT = "ustad.teacher/1"  # a teacher workdir's checkpoint metadata
 
 
