@@ -19,3 +19,13 @@ import ustad  # noqa: E402,F401  (sets XLA flags before the backend starts)
 
 jax.config.update("jax_num_cpu_devices", 4)
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+# Longest first: with two workers, a minute-long test that starts last leaves one core idle at
+# the end of the run (pytest-xdist keeps the collection order within each worker's share).
+LONGEST_FIRST = ("test_readme.py::test_readme_blocks_run",)
+
+
+def pytest_collection_modifyitems(items):
+    first = [item for item in items if item.nodeid.endswith(LONGEST_FIRST)]
+    items[:] = first + [item for item in items if item not in first]

@@ -20,7 +20,7 @@ README = Path(__file__).parents[1] / "README.md"
 
 # A block containing this text is not run here → why.
 NOT_RUN = {
-    "make demo": "builds a venv and runs the 10-minute demo and the whole test suite",
+    "make demo": "builds a venv and runs the 3-minute demo and the whole test suite",
     "--workdir=runs/teacher_p33": "hours of teacher training on a user's photo folder",
     "--config.tfds_name=imagenet2012 --config.tfds_data_dir": "ImageNet and hours of training",
     "jax.distributed.initialize(": "needs several processes (tests/test_multiprocess.py)",

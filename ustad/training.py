@@ -396,3 +396,31 @@ def flattened(history: list[float]) -> bool | None:
     cut = len(history) - max(1, len(history) // 4)
     before, last = min(history[:cut]), min(history[cut:])
     return bool(last >= before * (1 - FLAT_IMPROVEMENT))
+
+
+def check_settings(
+    config,
+    *,
+    positive_ints: Sequence[str] = (),
+    non_negative_ints: Sequence[str] = (),
+    choices: Mapping[str, Sequence] | None = None,
+) -> None:
+    """Refuse, in one line naming the ``--config.<field>``, integers out of range, a value not
+    among its choices, and the optimisation settings every trainer shares out of range
+    (``learning_rate`` > 0 and finite, ``weight_decay`` ≥ 0, ``val_fraction`` in [0, 1)).
+
+    Fields absent from ``config`` are not checked (nor are choices of absent fields)."""
+    for names, low in ((positive_ints, 1), (non_negative_ints, 0)):
+        for name in names:
+            value = config.get(name, low)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"--config.{name}={value!r}: must be an integer ≥ {low}")
+    for name, allowed in (choices or {}).items():
+        if name in config and config[name] not in allowed:
+            raise ValueError(f"--config.{name}={config[name]!r}: choose one of {tuple(allowed)}")
+    if not 0 < float(config.learning_rate) < float("inf"):
+        raise ValueError(f"--config.learning_rate={config.learning_rate!r}: must be > 0")
+    if not float(config.weight_decay) >= 0:
+        raise ValueError(f"--config.weight_decay={config.weight_decay!r}: must be ≥ 0")
+    if not 0 <= float(config.val_fraction) < 1:
+        raise ValueError(f"--config.val_fraction={config.val_fraction!r}: must be in [0, 1)")

@@ -9,7 +9,8 @@ from absl import flags
 from ustad.cli.common import Command, config_flag
 
 DOC = """
-The whole method on one category: teachers → students → anomaly maps → report.
+Both families on one category: Uninformed Students (teachers → students → anomaly maps →
+report) and STFPM's CPU preset beside it on the same data, one table.
 
 Reads: nothing by default (it writes a synthetic defect dataset: a scikit-image texture with
 procedural defects and exact masks); with --config.data_dir=/data/mvtec_ad
@@ -17,9 +18,9 @@ procedural defects and exact masks); with --config.data_dir=/data/mvtec_ad
 ground_truth/ if present).
 Writes, under --out: data/ (synthetic data only), teacher_p17/ and teacher_p33/ (teacher
 checkpoints; skipped with --config.teacher_workdir=<name or path with {p}>), students/p<p>/,
-report/ (metrics.md/.json/.csv, pro_curves.png, roc_pixel.png, roc_image.png, examples/*.png)
-and summary.json.
-Time: ~10 minutes on 2 CPU cores with the default configs/demo.py (64×64 images, small nets);
+report/ (metrics.md/.json/.csv, pro_curves.png, roc_pixel.png, roc_image.png, examples/*.png),
+summary.json and stfpm/ (the STFPM workdir; --config.stfpm_beside=False skips it).
+Time: ~3 minutes on 2 CPU cores with the default configs/demo.py (64×64 images, small nets);
 an interrupted demo resumes where it stopped when run again with the same flags.
 """
 
@@ -77,4 +78,4 @@ def _stfpm_beside(config, out: str) -> tuple[dict, float]:
     return category_metrics(maps[name], test.masks, test.labels, scores[name]), train_s
 
 
-DEMO = Command("the whole method on one category, offline (~10 min on CPU)", DOC, define, run)
+DEMO = Command("both families on one category, offline (~3 min on CPU)", DOC, define, run)

@@ -65,7 +65,7 @@ STFPM (--config=configs/stfpm.py:<lite0|resnet18|ensemble|cpu|cpu_ensemble|smoke
 feature-pyramid student (or M) of a frozen ImageNet teacher instead, on the same data, into
 <workdir>/checkpoints/ and metrics.jsonl; the workdir records its family, so `ustad score`
 and `ustad evaluate` take it unchanged. Time: configs/stfpm.py:smoke under a minute on CPU;
-:cpu (bottle, 256², 3 epochs) ~10 minutes on 2 CPU cores; the paper's 100 epochs ~3 h there.
+:cpu (256², 60 updates of batch 8) 6-10 minutes on 2 CPU cores; the paper's 100 epochs ~3 h.
 """
 
 

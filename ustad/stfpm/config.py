@@ -136,25 +136,16 @@ def validate(config: ml_collections.ConfigDict, workdir: str | None = None) -> N
     Raises:
       ValueError: a bad setting, or a workdir holding a run that differs.
     """
-    for name in _POSITIVE_INTS:
-        value = config.get(name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"--config.{name}={value!r}: must be an integer ≥ 1")
-    for name in ("train_steps", "val_min_images"):
-        value = config.get(name, 0)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"--config.{name}={value!r}: must be an integer ≥ 0")
-    if not 0 < float(config.learning_rate) < float("inf"):
-        raise ValueError(f"--config.learning_rate={config.learning_rate!r}: must be > 0")
+    from ustad.training import check_settings
+
+    check_settings(
+        config,
+        positive_ints=_POSITIVE_INTS,
+        non_negative_ints=("train_steps", "val_min_images"),
+        choices=_CHOICES,
+    )
     if not 0 <= float(config.momentum) < 1:
         raise ValueError(f"--config.momentum={config.momentum!r}: must be in [0, 1)")
-    if not float(config.weight_decay) >= 0:
-        raise ValueError(f"--config.weight_decay={config.weight_decay!r}: must be ≥ 0")
-    if not 0 <= float(config.val_fraction) < 1:
-        raise ValueError(f"--config.val_fraction={config.val_fraction!r}: must be in [0, 1)")
-    for name, choices in _CHOICES.items():
-        if config.get(name) not in choices:
-            raise ValueError(f"--config.{name}={config.get(name)!r}: choose one of {choices}")
     if config.score == "error_variance" and config.num_students < 2:
         raise ValueError(
             "--config.score='error_variance' needs the variance of several students: "

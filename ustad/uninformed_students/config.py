@@ -287,23 +287,18 @@ def validate(config: ml_collections.ConfigDict, workdir: str | None = None) -> N
       ValueError: a bad setting, or a workdir holding a run that differs.
       FileNotFoundError: no teacher of the name in ``teacher_workdir``.
     """
-    for name in _POSITIVE_INTS:
-        _check_int(config, name, 1)
-    for name in _NON_NEGATIVE_INTS:
-        _check_int(config, name, 0)
+    from ustad.training import check_settings
+
+    check_settings(
+        config,
+        positive_ints=_POSITIVE_INTS,
+        non_negative_ints=_NON_NEGATIVE_INTS,
+        choices=_CHOICES,
+    )
     for field in ("scale_epochs", "scale_train_steps"):
         for p_name, count in (config.get(field) or {}).items():
             if isinstance(count, bool) or not isinstance(count, int) or count < 1:
                 raise ValueError(f"--config.{field}.{p_name}={count!r}: must be an integer ≥ 1")
-    if not float(config.learning_rate) > 0 or config.learning_rate == float("inf"):
-        raise ValueError(f"--config.learning_rate={config.learning_rate!r}: must be > 0")
-    if not float(config.weight_decay) >= 0:
-        raise ValueError(f"--config.weight_decay={config.weight_decay!r}: must be ≥ 0")
-    if not 0 <= float(config.val_fraction) < 1:
-        raise ValueError(f"--config.val_fraction={config.val_fraction!r}: must be in [0, 1)")
-    for name, choices in _CHOICES.items():
-        if name in config and config[name] not in choices:
-            raise ValueError(f"--config.{name}={config[name]!r}: choose one of {choices}")
     sizes = tuple(config.patch_sizes)
     if not sizes or any(p not in (17, 33, 65) for p in sizes) or len(set(sizes)) != len(sizes):
         raise ValueError(
@@ -312,12 +307,6 @@ def validate(config: ml_collections.ConfigDict, workdir: str | None = None) -> N
     _check_teachers(config)
     if workdir is not None:
         _check_resume(config, workdir)
-
-
-def _check_int(config, name: str, low: int) -> None:
-    value = config.get(name)
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"--config.{name}={value!r}: must be an integer ≥ {low}")
 
 
 def _check_teachers(config) -> None:
