@@ -159,23 +159,29 @@ def teacher_from_config(config, network, key) -> tuple[PyTree, str]:
     return teacher_variables(network, backbone.variables), source
 
 
-def check_compatible(meta: dict, config, image_size, workdir, fingerprint) -> None:
-    """A resumed run must continue the same problem; say what differs otherwise."""
+def check_same_settings(meta: dict, config, workdir) -> None:
+    """What can be checked from the config alone: the checkpoint is STFPM's and was trained
+    with the same :data:`RESUME_SETTINGS` (the config validation runs it before any set-up)."""
     if meta.get("family") != stfpm.FAMILY:
         raise ValueError(
             f"{workdir} holds a {meta.get('family', 'students')!r} run, not STFPM; use a new "
             f"--workdir"
-        )
-    if meta.get("image_size") != list(image_size):
-        raise ValueError(
-            f"{workdir} holds a run at image_size={meta.get('image_size')}, this one is "
-            f"{list(image_size)} (--config.image_size); use a new --workdir"
         )
     changed = changed_settings(meta, config, RESUME_SETTINGS)
     if changed:
         raise ValueError(
             f"{workdir} holds a run trained with {', '.join(changed)}; use a new --workdir, or "
             f"the old settings to resume it"
+        )
+
+
+def check_compatible(meta: dict, config, image_size, workdir, fingerprint) -> None:
+    """A resumed run must continue the same problem; say what differs otherwise."""
+    check_same_settings(meta, config, workdir)
+    if meta.get("image_size") != list(image_size):
+        raise ValueError(
+            f"{workdir} holds a run at image_size={meta.get('image_size')}, this one is "
+            f"{list(image_size)} (--config.image_size); use a new --workdir"
         )
     if meta.get("data_fingerprint", fingerprint) != fingerprint:
         raise ValueError(

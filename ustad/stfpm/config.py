@@ -159,20 +159,8 @@ def _check_resume(config, workdir: str) -> None:
     """The checks the trainer makes on resuming (:func:`ustad.stfpm.checkpoints.
     check_compatible`), on the checkpoint's metadata only: the same message, before set-up."""
     from ustad.checkpointing import workdir_metadata
-    from ustad.stfpm.checkpoints import RESUME_SETTINGS
-    from ustad.training import changed_settings
+    from ustad.stfpm.checkpoints import check_same_settings
 
     meta = workdir_metadata(workdir)
-    if meta is None:
-        return
-    if meta.get("family") != "stfpm":
-        raise ValueError(
-            f"{workdir} holds a {meta.get('family', 'students')!r} run, not STFPM; use a new "
-            f"--workdir"
-        )
-    changed = changed_settings(meta, config, RESUME_SETTINGS)
-    if changed:
-        raise ValueError(
-            f"{workdir} holds a run trained with {', '.join(changed)}; use a new --workdir, or "
-            f"the old settings to resume it"
-        )
+    if meta is not None:
+        check_same_settings(meta, config, workdir)

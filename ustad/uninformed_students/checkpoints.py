@@ -159,6 +159,32 @@ RESUME_SETTINGS = (
 )
 
 
+def check_same_settings(meta, config, workdir, expected: dict) -> None:
+    """What can be checked without the images: the checkpoint is a students one, ``expected``
+    ``{name: value}`` match its metadata, and it was trained with the same
+    :data:`RESUME_SETTINGS` (the config validation runs it before any set-up)."""
+    if meta.get("format", FORMAT) != FORMAT:
+        raise ValueError(
+            f"{workdir} holds a {meta.get('family', meta.get('format'))!r} run, not Uninformed "
+            f"Students; use a new --workdir"
+        )
+    for name, value in expected.items():
+        if name in meta and meta[name] != value:
+            flag = "patch_sizes" if name == "patch_size" else name
+            raise ValueError(
+                f"{workdir} holds a run with {name}={meta[name]}, but this run has {value} "
+                f"(--config.{flag}); use a new --workdir, or the old setting to resume it"
+            )
+    changed = changed_settings(meta, config, RESUME_SETTINGS)
+    if changed:
+        state = "finished" if meta.get("score_normalization") else "unfinished"
+        raise ValueError(
+            f"{workdir} holds a {state} run trained with {', '.join(changed)}; resuming it would "
+            f"{'return the old model' if state == 'finished' else 'mix two settings'}: use a new "
+            f"--workdir, or the old settings"
+        )
+
+
 def check_compatible(meta, module, config, image_size, channels, workdir, fingerprint=None):
     """A resumed run must continue the same problem; say what differs otherwise.
 
@@ -171,27 +197,12 @@ def check_compatible(meta, module, config, image_size, channels, workdir, finger
         "image_size": list(image_size),
         "channels": int(channels),
     }
-    for name, value in expected.items():
-        if name in meta and meta[name] != value:
-            raise ValueError(
-                f"{workdir} holds a run with {name}={meta[name]}, but this run has {value} "
-                f"(--config.{name}); use a new --workdir, or the old setting to resume it"
-            )
-    changed = changed_settings(meta, config, RESUME_SETTINGS)
-    if changed:
-        state = "finished" if meta.get("score_normalization") else "unfinished"
-        raise ValueError(
-            f"{workdir} holds a {state} run trained with {', '.join(changed)}; resuming it would "
-            f"{'return the old model' if state == 'finished' else 'mix two settings'}: use a new "
-            f"--workdir, or the old settings"
-        )
+    check_same_settings(meta, config, workdir, expected)
     if fingerprint and meta.get("data_fingerprint", fingerprint) != fingerprint:
         raise ValueError(
             f"{workdir} holds a run trained on other images (data_dir, category, image_size or "
             f"the images themselves changed); use a new --workdir"
         )
-
-
 
 
 def score_params(state) -> PyTree:

@@ -326,32 +326,12 @@ def _check_resume(config, workdir: str) -> None:
     from pathlib import Path
 
     from ustad.checkpointing import workdir_metadata
-    from ustad.training import changed_settings
-    from ustad.uninformed_students.checkpoints import FORMAT, RESUME_SETTINGS
+    from ustad.uninformed_students.checkpoints import check_same_settings
 
     sizes = tuple(config.patch_sizes)
     folders = [Path(workdir)] if len(sizes) == 1 else [Path(workdir) / f"p{p}" for p in sizes]
     for folder, p in zip(folders, sizes, strict=True):
         meta = workdir_metadata(folder)
-        if meta is None:
-            continue
-        if meta.get("format") != FORMAT:
-            raise ValueError(
-                f"{folder} holds a {meta.get('family', meta.get('format'))!r} run, not "
-                f"Uninformed Students; use a new --workdir"
-            )
-        expected = (("patch_size", "patch_sizes", p), ("num_students", "num_students", None))
-        for name, flag, value in expected:
-            value = int(config.num_students) if value is None else value
-            if name in meta and meta[name] != value:
-                raise ValueError(
-                    f"{folder} holds a run with {name}={meta[name]}, but this run has {value} "
-                    f"(--config.{flag}); use a new --workdir, or the old setting to resume it"
-                )
-        changed = changed_settings(meta, config, RESUME_SETTINGS)
-        if changed:
-            state = "finished" if meta.get("score_normalization") else "unfinished"
-            raise ValueError(
-                f"{folder} holds a {state} run trained with {', '.join(changed)}; use a new "
-                f"--workdir, or the old settings to resume it"
-            )
+        if meta is not None:
+            expected = {"patch_size": p, "num_students": int(config.num_students)}
+            check_same_settings(meta, config, folder, expected)
