@@ -8,6 +8,9 @@ the HLO passes, and so what is computed, are unchanged; the whole suite takes ~4
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The commands' persistent compilation cache stays off in tests (tests/test_startup.py turns it
+# on in its own processes): it would write to the user's cache and cost every compile a write.
+os.environ.setdefault("USTAD_COMPILATION_CACHE", "0")
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (
         os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"

@@ -262,7 +262,36 @@ def _dispatch(argv: list[str], verbose: bool) -> int:
         print(f"ustad {name}: {error}\n(see `ustad {name} --help`)", file=sys.stderr)
         return 2
     _setup_logging()
+    enable_compilation_cache()
     return _run(command, flag_values, verbose)
+
+
+# Compilations shorter than this are not written to the cache (their reading would cost as much).
+CACHE_MIN_COMPILE_SECONDS = 0.5
+
+
+def enable_compilation_cache() -> str | None:
+    """JAX's persistent compilation cache for the commands, so that the second ``ustad score``
+    of a model (or a resumed training) compiles nothing: ``$USTAD_COMPILATION_CACHE_DIR``, else
+    ``<the ustad cache>/jax`` (``~/.cache/ustad/jax``). ``USTAD_COMPILATION_CACHE=0`` turns it
+    off. JAX keys every entry by the program, the compile options, the XLA flags, the JAX and
+    backend versions and the device kind, so a changed flag or machine compiles afresh.
+
+    Returns:
+      The cache folder, or None when turned off.
+    """
+    if os.environ.get("USTAD_COMPILATION_CACHE", "1") == "0":
+        return None
+    import jax
+
+    from ustad.models.pretrained import default_cache_dir
+
+    path = os.environ.get("USTAD_COMPILATION_CACHE_DIR") or os.path.join(
+        default_cache_dir(), "jax"
+    )
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", CACHE_MIN_COMPILE_SECONDS)
+    return path
 
 
 def _run(command: Command, flag_values: flags.FlagValues, verbose: bool) -> int:
