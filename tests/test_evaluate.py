@@ -98,8 +98,8 @@ def test_category_report_files_parse_back(tmp_path):
         assert report.metrics[row["scale"]] == pytest.approx(expected, abs=1e-15)
 
     examples = sorted((tmp_path / "bottle" / "examples").glob("*.png"))
-    # "extremes", one per end: 2 good + 2 crack + 2 hole.
-    assert len(examples) == 6
+    # examples_per_type=1 ("extremes"): the hardest of each type, 1 good + 1 crack + 1 hole.
+    assert len(examples) == 3
     for path in [*examples, *(p for p in report.paths if p.suffix == ".png")]:
         _assert_png(path)
 
@@ -148,7 +148,9 @@ def test_select_examples():
     types = ["good", "good", "good", "crack", "crack"]
     scores = [0.1, 0.9, 0.5, 0.2, 0.8]
     assert figures.select_examples(types, scores, how="first") == [0, 3]
-    assert figures.select_examples(types, scores, how="extremes") == [0, 1, 3, 4]
+    # One a type: the hardest (the highest-scored good image, the lowest-scored defect).
+    assert figures.select_examples(types, scores, how="extremes") == [1, 3]
+    assert figures.select_examples(types, scores, per_type=2, how="extremes") == [0, 1, 3, 4]
     assert figures.select_examples(types, scores, per_type=2, how="first") == [0, 1, 3, 4]
 
 

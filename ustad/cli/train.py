@@ -60,6 +60,9 @@ different settings or data.
 Time: configs/students.py:smoke under a minute on CPU; the paper's 100 epochs on MVTec AD at
 256² take weeks on 2 CPU cores (~31 s per step at 128²) and an estimated ~10 minutes per scale
 on one H100 (not measured).
+Presets (--config=configs/students.py:<name>): p17, p33, p65, multiscale (the paper, full-width
+teachers), each also as <name>_small (the shipped small teachers, ⅛ widths), cpu (the 2-core
+preset: p17_small + p33_small at 128², 940 / 1128 updates, ~30 min) and smoke.
 Multi-host: the same command on every host with --coordinator, --num_processes, --process_id.
 STFPM (--config=configs/stfpm.py:<lite0|resnet18|ensemble|cpu|cpu_ensemble|smoke>): one
 feature-pyramid student (or M) of a frozen ImageNet teacher instead, on the same data, into

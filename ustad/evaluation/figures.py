@@ -90,9 +90,11 @@ def select_examples(
     Args:
         types: `[N]` defect type of each test image ("good" for anomaly-free ones).
         image_scores: `[N]` image scores.
-        per_type: images per type (per end with "extremes").
-        how: "first" (the first `per_type` of each type) or "extremes" (the `per_type` worst
-            and best: lowest and highest scores for defect types, the reverse for "good").
+        per_type: images per type.
+        how: "first" (the first `per_type` of each type) or "extremes" (the hardest first, then
+            the easiest, alternating: ⌈per_type/2⌉ of the lowest-scored defective images and
+            ⌊per_type/2⌋ of the highest, the reverse for "good"; one image a type is its
+            hardest: the least anomalous-looking defect, the most anomalous-looking good one).
 
     Returns:
         Sorted distinct indices.
@@ -109,7 +111,10 @@ def select_examples(
             chosen.update(members[:per_type].tolist())
             continue
         ranked = members[np.argsort(scores[members], kind="stable")]
-        chosen.update(ranked[:per_type].tolist() + ranked[-per_type:].tolist())
+        hard, easy = (ranked[::-1], ranked) if kind == "good" else (ranked, ranked[::-1])
+        count = min(per_type, len(members))
+        picked = list(hard[: -(-count // 2)]) + list(easy[: count // 2])
+        chosen.update(int(i) for i in picked)
     return sorted(chosen)
 
 
