@@ -49,20 +49,21 @@ def test_every_command_help_says_what_it_reads_writes_and_how_long(name, capsys)
         assert word in out, f"`ustad {name} --help` does not say {word}"
 
 
+def _in_another_process(args, cwd, pythonpath=None) -> subprocess.CompletedProcess:
+    """``args`` run in ``cwd`` on the CPU; asserts it succeeded."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    if pythonpath is not None:
+        env["PYTHONPATH"] = str(pythonpath)
+    result = subprocess.run(args, cwd=cwd, capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return result
+
+
 def test_installed_entry_point_runs_outside_the_checkout(tmp_path):
     ustad = Path(sys.executable).with_name("ustad")
     if not ustad.exists():
         pytest.skip("the package is not installed with its console script")
-    env = dict(os.environ, JAX_PLATFORMS="cpu")
-    result = subprocess.run(
-        [str(ustad), "train-students", "--help"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr
+    result = _in_another_process([str(ustad), "train-students", "--help"], tmp_path)
     assert "train/good" in result.stdout
 
 
@@ -249,16 +250,7 @@ def test_teachers_runs_against_the_real_listing(tmp_path, monkeypatch, capsys):
 
 
 def test_python_m_ustad_is_the_ustad_command(tmp_path):
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
-    result = subprocess.run(
-        [sys.executable, "-m", "ustad", "--help"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr
+    result = _in_another_process([sys.executable, "-m", "ustad", "--help"], tmp_path, REPO)
     assert result.stdout.startswith("usage: ustad <command>") and "  teachers" in result.stdout
 
 

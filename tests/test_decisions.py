@@ -5,39 +5,20 @@ import csv
 import errno
 import json
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
+from calibrated_setup import DATA, calibrated_students, run
 from PIL import Image
 
 from ustad import calibration as cal
-from ustad.cli import main as cli
-from ustad.data.synthetic import make_synthetic_category
-
-DATA = Path(__file__).parent / "data"
-
-
-def run(*args):
-    return cli.main(["ustad", *args])
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("decisions")
-    make_synthetic_category(
-        root / "data", "synthetic", image_size=32, num_train=70, num_test_good=4,
-        num_test_per_defect=2,
-    )  # fmt: skip
-    good = root / "good"
-    good.mkdir()
-    # Images 30… were not among the 30 the workdirs were trained on.
-    for path in sorted((root / "data" / "synthetic" / "train" / "good").glob("*.png"))[30:]:
-        shutil.copy(path, good / path.name)
-    for family in ("students", "stfpm"):
-        shutil.copytree(DATA / f"workdir_{family}_v1", root / family)
-    assert run("calibrate", f"--workdirs={root / 'students'}", f"--good={good}",
-               "--max_fpr=0.05", f"--data={root / 'data' / 'synthetic'}") == 0  # fmt: skip
+    calibrated_students(root, 70, f"--data={root / 'data' / 'synthetic'}")
+    shutil.copytree(DATA / "workdir_stfpm_v1", root / "stfpm")
     return root
 
 

@@ -5,35 +5,18 @@ import json
 import re
 import shutil
 import subprocess
-from pathlib import Path
 
 import pytest
+from calibrated_setup import DATA, calibrated_students, run
 
 from ustad import calibration as cal
-from ustad.cli import main as cli
-from ustad.data.synthetic import make_synthetic_category
-
-DATA = Path(__file__).parent / "data"
-
-
-def run(*args):
-    return cli.main(["ustad", *args])
 
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     root = tmp_path_factory.mktemp("report")
-    category = make_synthetic_category(
-        root / "data", "synthetic", image_size=32, num_train=60, num_test_good=4,
-        num_test_per_defect=2,
-    )  # fmt: skip
-    good = root / "good"
-    good.mkdir()
-    for path in sorted((category / "train" / "good").glob("*.png"))[30:]:
-        shutil.copy(path, good / path.name)
+    category = calibrated_students(root, 60)
     workdir = root / "students"
-    shutil.copytree(DATA / "workdir_students_v1", workdir)
-    assert run("calibrate", f"--workdirs={workdir}", f"--good={good}", "--max_fpr=0.05") == 0
     out = root / "eval"
     assert run("evaluate", f"--workdirs={workdir}", f"--data={category}", f"--out={out}") == 0
     return root, out, category

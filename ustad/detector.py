@@ -241,7 +241,9 @@ class MapDetector:
     """The part of a detector that knows no family: see the module docstring.
 
     Args:
-      count: how many models (scales) the final map averages.
+      models: the trained models (scales) the final map averages, each a ``model_type``.
+      model_type: the family's trained-model class (a detector averages one family's models).
+      family: the family's name, for the errors.
       reduction: image score from the map, ``"max"`` (default), ``"mean"`` or ``"topk"`` (the
         mean of the ``top_k`` highest pixels).
       top_k: pixels averaged by ``"topk"`` (≥ 1).
@@ -257,8 +259,26 @@ class MapDetector:
     """
 
     def __init__(
-        self, count, *, reduction="max", top_k=100, smooth_sigma=0.0, batch_size=8, mesh=None
+        self,
+        models: Sequence,
+        model_type: type,
+        family: str,
+        *,
+        reduction="max",
+        top_k=100,
+        smooth_sigma=0.0,
+        batch_size=8,
+        mesh=None,
     ):
+        if not models:
+            raise ValueError(f"a {family} detector needs at least one trained model")
+        other = [type(m).__name__ for m in models if not isinstance(m, model_type)]
+        if other:
+            raise ValueError(
+                f"cannot average {family} models with {', '.join(other)} (another family): "
+                f"score each family's workdirs separately"
+            )
+        count = len(models)
         check_scoring_options(reduction, top_k, smooth_sigma)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an integer ≥ 1, got {batch_size!r}")

@@ -90,19 +90,11 @@ class STFPMDetector(MapDetector):
         score: str | None = None,
         combination: str | None = None,
     ):
-        if not models:
-            raise ValueError("STFPMDetector needs at least one trained model")
-        other = [type(m).__name__ for m in models if not isinstance(m, STFPMModel)]
-        if other:
-            raise ValueError(
-                f"cannot average STFPM models with {', '.join(other)} (another family): score "
-                f"each family's workdirs separately"
-            )
         if compute_dtype is not None and jnp.dtype(compute_dtype) != jnp.float32:
             raise ValueError("STFPM scores in float32 only (drop --bf16)")
         super().__init__(
-            len(models), reduction=reduction, top_k=top_k, smooth_sigma=smooth_sigma,
-            batch_size=batch_size, mesh=mesh,
+            models, STFPMModel, "STFPM", reduction=reduction, top_k=top_k,
+            smooth_sigma=smooth_sigma, batch_size=batch_size, mesh=mesh,
         )  # fmt: skip
         self.models = tuple(models)
         strategy = resolve_member_strategy(member_strategy, network="pyramid")

@@ -24,7 +24,7 @@ from ustad.ensemble import (
     check_normalization,
 )
 from ustad.training import changed_settings
-from ustad.uninformed_students.nets import PatchNet, layers_from_json
+from ustad.uninformed_students.nets import PatchNet, patch_net_from_record
 
 PyTree = Any
 
@@ -104,11 +104,7 @@ def load_scale(workdir: str | os.PathLike) -> ScaleModel:
             f"the students in {workdir} are not finished (step {step} of "
             f"{meta.get('total_steps')}, no score normalisation yet); resume training first"
         )
-    network = PatchNet(
-        layers=layers_from_json(meta["layers"]),
-        patch_size=int(meta["patch_size"]),
-        out_dim=int(meta["out_dim"]),
-    )
+    network = patch_net_from_record(meta)
     params = {
         "teacher": state["teacher"],
         "students": state["students"]["params"],

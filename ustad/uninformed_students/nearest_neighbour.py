@@ -72,10 +72,6 @@ def memory_bank(
     return np.concatenate(parts)
 
 
-
-
-
-
 @functools.partial(jax.jit, static_argnames=("module", "padding", "chunk"))
 def _nn_map_batch(module, padding, chunk, variables, images, bank, centre):
     descriptors = dense_apply(module, variables, images, padding=padding)

@@ -229,3 +229,13 @@ def patch_net(
             layers[i] = Conv(layers[i].kernel, width)
         layers = tuple(layers)
     return PatchNet(layers=layers, patch_size=patch_size, out_dim=out_dim, dtype=dtype)
+
+
+def patch_net_from_record(record) -> PatchNet:
+    """The network a checkpoint's metadata or a teacher file's header describes (its
+    ``"layers"`` as :func:`layers_to_json` wrote them, ``"patch_size"``, ``"out_dim"``)."""
+    return PatchNet(
+        layers=layers_from_json(record["layers"]),
+        patch_size=int(record["patch_size"]),
+        out_dim=int(record["out_dim"]),
+    )

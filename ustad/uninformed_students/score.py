@@ -75,17 +75,9 @@ class Detector(MapDetector):
         mesh: jax.sharding.Mesh | None = None,
         member_strategy: str = "auto",
     ):
-        if not scales:
-            raise ValueError("Detector needs at least one trained scale")
-        other = [type(s).__name__ for s in scales if not isinstance(s, ScaleModel)]
-        if other:
-            raise ValueError(
-                f"cannot average Uninformed Students scales with {', '.join(other)} (another "
-                f"family): score each family's workdirs separately"
-            )
         super().__init__(
-            len(scales), reduction=reduction, top_k=top_k, smooth_sigma=smooth_sigma,
-            batch_size=batch_size, mesh=mesh,
+            scales, ScaleModel, "Uninformed Students", reduction=reduction, top_k=top_k,
+            smooth_sigma=smooth_sigma, batch_size=batch_size, mesh=mesh,
         )  # fmt: skip
         self.scales = tuple(scales)
         strategy = resolve_member_strategy(member_strategy)

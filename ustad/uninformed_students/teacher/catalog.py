@@ -29,7 +29,7 @@ import numpy as np
 
 from ustad.checkpointing import CHECKPOINT_SUBDIR, restore_workdir
 from ustad.io import atomic_write
-from ustad.uninformed_students.nets import PatchNet, layers_from_json
+from ustad.uninformed_students.nets import PatchNet, patch_net_from_record
 from ustad.uninformed_students.teacher.files import (
     FORMAT,
     read_decoder,
@@ -112,11 +112,7 @@ def load_teacher(
             f"the teacher in {workdir} stopped at step {step} of {meta['total_steps']}; resume "
             f"its training or pass allow_unfinished=True"
         )
-    module = PatchNet(
-        layers=layers_from_json(meta["layers"]),
-        patch_size=int(meta["patch_size"]),
-        out_dim=int(meta["out_dim"]),
-    )
+    module = patch_net_from_record(meta)
     variables = jax.tree.map(np.asarray, state["params"]["teacher"])
     return module, variables, dict(meta, step=step)
 

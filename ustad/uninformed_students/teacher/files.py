@@ -28,7 +28,7 @@ import jax
 import numpy as np
 
 from ustad.io import atomic_write
-from ustad.uninformed_students.nets import PatchNet, layers_from_json
+from ustad.uninformed_students.nets import PatchNet, patch_net_from_record
 
 __all__ = [
     "FILE_FORMAT",
@@ -127,11 +127,7 @@ def read_teacher_file(
     path = Path(path)
     arrays = _read_arrays(path, sha256)
     header = _read_header(path, arrays)
-    module = PatchNet(
-        layers=layers_from_json(header["layers"]),
-        patch_size=int(header["patch_size"]),
-        out_dim=int(header["out_dim"]),
-    )
+    module = patch_net_from_record(header)
     side = module.patch_size
     sample = jax.ShapeDtypeStruct((1, side, side, int(header["channels"])), np.float32)
     expected = flax.traverse_util.flatten_dict(
