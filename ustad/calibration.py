@@ -447,10 +447,37 @@ def find_calibration(workdirs, settings: dict) -> tuple[Calibration | None, str]
             return Calibration.from_record(entry, str(path)), ""
     if not entries:
         return None, f"{path} does not exist (run `ustad calibrate --good <folder>`)"
+    # Made with the same options but other tiling: say so (its thresholds do not carry over).
+    untiled = {k: v for k, v in settings.items() if k != "tile"}
+    for entry in entries:
+        held = dict(entry.get("settings") or {})
+        same = {k: v for k, v in held.items() if k != "tile"}
+        if _matches({**entry, "settings": same}, models, untiled):
+            return None, _tiling_mismatch(path, settings, held)
     held = "; ".join(f"{e.get('models')} {e.get('settings')}" for e in entries)
     return None, (
         f"{path} holds no calibration for {list(models)} scored with {settings} (it has: "
         f"{held}); run `ustad calibrate` with these workdirs and options"
+    )
+
+
+def _tiling_mismatch(path: Path, wanted: dict, held: dict) -> str:
+    """Why a calibration made with other tiling does not decide: tiled maps (images at their
+    own resolution) and resized ones have different score distributions, so its thresholds
+    would reject or pass the wrong share of good images."""
+
+    def what(settings):
+        tile = settings.get("tile")
+        return f"by tiles (overlap {tile['overlap']:g})" if tile else "resized to the model's size"
+
+    flags = f" --tile --tile_overlap={wanted['tile']['overlap']:g}" if "tile" in wanted else ""
+    hint = ""
+    if held.get("tile"):  # e.g. a workdir trained on tiles (--config.train_tiles)
+        hint = f", or score with --tile --tile_overlap={held['tile']['overlap']:g}"
+    return (
+        f"{path} was calibrated on images scored {what(held)}, these are scored {what(wanted)}: "
+        f"its thresholds do not hold for them; run `ustad calibrate --good <folder>{flags}`"
+        f"{hint}"
     )
 
 

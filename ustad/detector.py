@@ -20,6 +20,7 @@ import numpy as np
 
 from ustad import sharding as shd
 from ustad.host_images import convert_channels
+from ustad.tiling import DEFAULT_OVERLAP, check_overlap, extract_tiles, stitch, tile_layout
 
 PyTree = Any
 logger = logging.getLogger(__name__)
@@ -109,9 +110,16 @@ def combine_scales(images, scorers, count: int, *, smooth_sigma: float, reductio
     return maps, np.asarray(reduce_maps(jnp.asarray(maps), reduction, top_k))
 
 
-def scoring_settings(reduction: str, top_k: int, smooth_sigma: float) -> dict:
-    """The scoring options, JSON-ready (recorded next to what ``ustad score`` writes)."""
-    return {"reduction": reduction, "top_k": int(top_k), "smooth_sigma": smooth_sigma}
+def scoring_settings(
+    reduction: str, top_k: int, smooth_sigma: float, tile_overlap: float | None = None
+) -> dict:
+    """The scoring options, JSON-ready (recorded next to what ``ustad score`` writes);
+    ``tile_overlap`` (scoring by tiles, :mod:`ustad.tiling`) adds ``"tile": {"overlap": …}``,
+    so a calibration made without tiles never decides on tiled maps and vice versa."""
+    settings = {"reduction": reduction, "top_k": int(top_k), "smooth_sigma": smooth_sigma}
+    if tile_overlap is not None:
+        settings["tile"] = {"overlap": float(tile_overlap)}
+    return settings
 
 
 def reduce_maps(maps: jax.Array, reduction: str = "max", top_k: int = 100) -> jax.Array:
@@ -252,6 +260,10 @@ class MapDetector:
       batch_size: images per jitted call; rounded up to a multiple of the mesh's data axis.
       mesh: a :func:`ustad.sharding.make_mesh` mesh to split batches over ``"data"``
         (parameters replicated); ``None`` runs on the default device.
+      tile: score each image at its own resolution by tiles of each model's training size
+        (:mod:`ustad.tiling`: overlapping tiles, the last flush with the border, maps stitched
+        by a trimmed mean) instead of resizing it; images smaller than a tile raise.
+      tile_overlap: the least overlap of neighbouring tiles, a fraction of the tile in [0, 1).
 
     A subclass fills ``self._groups``: ``(size (H, W), channels, multiple, fn, params)`` per
     group of models scored by one jitted call, ``multiple`` being the size's required stride
@@ -269,6 +281,8 @@ class MapDetector:
         smooth_sigma=0.0,
         batch_size=8,
         mesh=None,
+        tile=False,
+        tile_overlap=DEFAULT_OVERLAP,
     ):
         if not models:
             raise ValueError(f"a {family} detector needs at least one trained model")
@@ -286,6 +300,9 @@ class MapDetector:
         self.reduction, self.top_k, self.smooth_sigma = reduction, top_k, float(smooth_sigma)
         self.mesh = mesh
         self.batch_size = batch_size
+        if not isinstance(tile, bool | np.bool_):
+            raise ValueError(f"tile must be True or False, got {tile!r}")
+        self.tile, self.tile_overlap = bool(tile), check_overlap(tile_overlap)
         if mesh is not None:
             ways = shd.data_size(mesh)
             self.batch_size = -(-batch_size // ways) * ways
@@ -305,7 +322,8 @@ class MapDetector:
           images: ``[N, H, W, C]`` float in [0, 1] (or uint8 / uint16, scaled to [0, 1]; other
             ranges raise, see :func:`ustad.host_images.as_unit_float`), any size (resized to
             each model's training size and the maps resized back; a warning when that changes
-            the aspect ratio by more than 1.5×) and 1 or 3 channels.
+            the aspect ratio by more than 1.5×; with ``tile``, cut into tiles at their own
+            resolution instead, so at least a tile's size) and 1 or 3 channels.
 
         Returns:
           ``(maps [N, H, W] float32, image_scores [N] float32)``; with ``smooth_sigma`` the maps
@@ -314,6 +332,8 @@ class MapDetector:
 
         def scorer(size, channels, multiple, fn, params):
             def score(images):
+                if self.tile:
+                    return self._score_tiles(images, size, channels, fn, params)
                 self._warn_if_squashed(images.shape[1:3], size, multiple)
                 inputs = resize_images(convert_channels(images, channels), size)
                 return score_in_batches(fn, params, inputs, self.batch_size, self.mesh)
@@ -324,6 +344,16 @@ class MapDetector:
             images, [scorer(*group) for group in self._groups], self.count,
             smooth_sigma=self.smooth_sigma, reduction=self.reduction, top_k=self.top_k,
         )  # fmt: skip
+
+    def _score_tiles(self, images, size, channels, fn, params) -> np.ndarray:
+        """``[N, H, W]`` maps of one group of models: the images cut into tiles of ``size`` at
+        their own resolution, scored, and the tile maps stitched (:mod:`ustad.tiling`)."""
+        layout = tile_layout(images.shape[1:3], size, self.tile_overlap)
+        tiles = extract_tiles(convert_channels(images, channels), layout)
+        maps = score_in_batches(fn, params, tiles, self.batch_size, self.mesh)
+        if maps.shape[1:] != tuple(size):
+            maps = np.asarray(jax.image.resize(maps, (len(maps), *size), "linear"))
+        return stitch(maps, layout)
 
     def predict(self, images: np.ndarray, calibration=None):
         """:meth:`score` with the decisions of a calibration.
@@ -352,7 +382,8 @@ class MapDetector:
     @property
     def settings(self) -> dict:
         """The scoring options, JSON-ready (recorded next to what ``ustad score`` writes)."""
-        return scoring_settings(self.reduction, self.top_k, self.smooth_sigma)
+        overlap = self.tile_overlap if self.tile else None
+        return scoring_settings(self.reduction, self.top_k, self.smooth_sigma, overlap)
 
     def _warn_if_squashed(self, image_hw, size, multiple) -> None:
         """Once per input size: a warning when scoring at ``size`` squashes the images."""
@@ -369,6 +400,7 @@ class MapDetector:
                 "images of %d×%d (H×W) are scored at the model's training size %d×%d, which "
                 "changes their aspect ratio by %.2f× and distorts small defects; to keep it, "
                 "train with --config.keep_aspect=True (the short side becomes "
-                "--config.image_size) or --config.image_size='(%d, %d)'",
+                "--config.image_size) or --config.image_size='(%d, %d)', or score them at "
+                "their own resolution by tiles (--tile; best with --config.train_tiles=True)",
                 *image_hw, *size, change, *keep,
             )  # fmt: skip

@@ -148,8 +148,10 @@ def train(config, workdir: str | os.PathLike):
         trained = trainer.train_and_evaluate(config, workdir)
         if jax.process_index() == 0:
             models = list(trained) if isinstance(trained, list | tuple) else [trained]
+            # A run trained on tiles is calibrated as it will score: by tiles.
+            tile = bool(config.get("train_tiles", False))
             calibrate_after_training(
-                workdir, detector_for(family, models), trainer.held_out_images(config)
+                workdir, detector_for(family, models, tile=tile), trainer.held_out_images(config)
             )
     return trained
 

@@ -73,6 +73,10 @@ def run(fv: flags.FlagValues) -> None:
     for workdir in workdirs:
         check_writable(workdir)
     detector = families.load_detector(workdirs, **kwargs)
+    if detector.tile:
+        from ustad.tiling import check_tiles_fit
+
+        check_tiles_fit(sizes, paths, detector.input_sizes)
     calibration = calibrate_detector(
         detector,
         _batches(paths, sizes, detector.batch_size),
@@ -127,7 +131,9 @@ def _with_labelled(calibration, data: str, workdirs, kwargs):
     from ustad.evaluation.operating_point import f1_max, image_operating_point
 
     family, models = families.load_models(workdirs)
-    test = load_mvtec_test(data, image_size=list(models[0].image_size))
+    # Tiled scoring sees the images at their own size, as `ustad score --tile` does.
+    size = None if kwargs.get("tile") else list(models[0].image_size)
+    test = load_mvtec_test(data, image_size=size)
     _, scores = families.detector_for(family, models, **kwargs).score(test.images)
     oracle = f1_max(scores, test.labels)
     if oracle is None:

@@ -103,6 +103,18 @@ def detector_flags(fv: flags.FlagValues) -> None:
         fv, "Gaussian smoothing of the maps before the image score, σ in pixels (0: none)"
     )
     flags.DEFINE_bool("bf16", False, "run the networks in bfloat16", flag_values=fv)
+    flags.DEFINE_bool(
+        "tile",
+        False,
+        "score each image at its own resolution by overlapping tiles of the training size, "
+        "maps stitched (images larger than the training size keep their small defects; each "
+        "must be at least a tile's size); a calibration holds for tiled or untiled scoring only",
+        flag_values=fv,
+    )
+    flags.DEFINE_float(
+        "tile_overlap", 0.25, "least overlap of neighbouring tiles, a fraction of the tile in "
+        "[0, 1) (with --tile)", flag_values=fv,
+    )  # fmt: skip
 
 
 def detector_kwargs(fv: flags.FlagValues) -> dict:
@@ -111,12 +123,18 @@ def detector_kwargs(fv: flags.FlagValues) -> dict:
     import jax.numpy as jnp
 
     from ustad.detector import check_scoring_options
+    from ustad.tiling import check_overlap
 
     check_scoring_options(fv["reduction"].value, fv["top_k"].value, fv["smooth_sigma"].value)
+    check_overlap(fv["tile_overlap"].value)
+    if fv["tile_overlap"].present and not fv["tile"].value:
+        raise ValueError("--tile_overlap applies to tiled scoring only: add --tile")
     return dict(
         reduction=fv["reduction"].value,
         top_k=fv["top_k"].value,
         smooth_sigma=fv["smooth_sigma"].value,
         compute_dtype=jnp.bfloat16 if fv["bf16"].value else None,
         batch_size=fv["batch_size"].value,
+        tile=fv["tile"].value,
+        tile_overlap=fv["tile_overlap"].value,
     )

@@ -15,7 +15,9 @@ Evaluate trained students on a labelled test set and write the full report.
 Reads: the students in --workdirs and --data, a category folder in the MVTec layout:
 <data>/test/good/*, <data>/test/<defect type>/* and, for pixel metrics,
 <data>/ground_truth/<defect type>/<name>_mask.png (train/ is not needed). Images are resized to
-the students' training size (or --image_size).
+the students' training size (or --image_size, or --native_size: the images' own). With --tile
+the test images keep their own size and each is scored by overlapping tiles of the training size
+(maps stitched; see `ustad score --help`), and metrics.json records the tiling.
 Writes, under --out: metrics.md/.json/.csv (image AUROC, pixel AUROC, AU-PRO@0.3 per scale and
 multi-scale), pro_curves.png, roc_pixel.png, roc_image.png, examples/*.png (image | ground truth
 | heatmap). Without ground_truth/: image AUROC and mean score per defect type (metrics.*) and
@@ -44,6 +46,13 @@ def define(fv: flags.FlagValues, argv: list[str]) -> None:
     flags.DEFINE_integer(
         "image_size", 0, "evaluation size (0: the students' training size)", flag_values=fv
     )
+    flags.DEFINE_bool(
+        "native_size",
+        False,
+        "evaluate at the test images' own (most common) size: the maps are resized back to it "
+        "(or, with --tile, computed there by tiles); the default with --tile",
+        flag_values=fv,
+    )
     flags.DEFINE_integer("examples_per_type", 1, "example figures per defect type", flag_values=fv)
     detector_flags(fv)
 
@@ -58,7 +67,10 @@ def run(fv: flags.FlagValues) -> None:
     data = Path(fv["data"].value)
     family, models = families.load_models(workdirs)
     size = fv["image_size"].value or list(models[0].image_size)
+    if not fv["image_size"].value and (fv["native_size"].value or detector_options["tile"]):
+        size = None  # the images' own size
     test = load_mvtec_test(data, image_size=size)
+    size = [int(s) for s in test.images.shape[1:3]]
     if len(set(test.labels.tolist())) < 2:
         kind = "defective" if test.labels.all() else "good"
         raise ValueError(
@@ -80,6 +92,7 @@ def run(fv: flags.FlagValues) -> None:
             "reduction": detector_options["reduction"],
             "top_k": detector_options["top_k"],
             "smooth_sigma": detector_options["smooth_sigma"],
+            "tile": _tile_setting(detector_options),
         },
         **kwargs,
     )
@@ -105,7 +118,7 @@ def _operating_point(fv, workdirs, options, test, score_maps, image_scores, metr
     from ustad.io import atomic_write
 
     name = list(image_scores)[-1]  # one model's set, or the average added last
-    settings = {k: options[k] for k in ("reduction", "top_k", "smooth_sigma")}
+    settings = _scoring_settings(options)
     calibration, why = find_calibration(workdirs, settings)
     result = operating_point_metrics(
         image_scores[name], test.labels, score_maps[name], test.masks, calibration
@@ -121,6 +134,21 @@ def _operating_point(fv, workdirs, options, test, score_maps, image_scores, metr
         metrics=metrics, operating_point=result,
     )  # fmt: skip
     return result
+
+
+def _tile_setting(options: dict):
+    """``{"overlap": …}`` when the maps are computed by tiles, else None."""
+    return {"overlap": float(options["tile_overlap"])} if options["tile"] else None
+
+
+def _scoring_settings(options: dict) -> dict:
+    """The settings a calibration must have been made with to decide on these maps."""
+    from ustad.detector import scoring_settings
+
+    overlap = options["tile_overlap"] if options["tile"] else None
+    return scoring_settings(
+        options["reduction"], options["top_k"], options["smooth_sigma"], overlap
+    )
 
 
 def _operating_point_lines(result: dict) -> str:
