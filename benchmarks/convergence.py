@@ -6,11 +6,13 @@ clock, normalises the scores on the held-out images with the current students, s
 test set and prints one JSON line: AU-PRO@0.3, pixel and image AUROC (image score: the map's max)
 of the raw maps and of the maps smoothed by a Gaussian of ``--sigma`` pixels, the step, the epochs
 and pixels seen and the training seconds so far (teacher statistics, target cache and compilation
-included; evaluation excluded). No retraining per point: the curve is the run.
+included; evaluation excluded). No retraining per point: the curve is the run. The paper
+presets floor their updates (``min_train_steps``, 18,800): ``--config.min_train_steps=0`` keeps
+``--config.epochs`` as given.
 
     python -m benchmarks.convergence --mvtec_dir ../shared/data/mvtec_ad --category bottle \\
         --config configs/students.py:p17_small --config.image_size=128 --config.epochs=10 \\
-        --eval_every 200 --label p17s_paper --out runs/convergence \\
+        --config.min_train_steps=0 --eval_every 200 --label p17s_paper --out runs/convergence \\
         --jsonl benchmarks/results/convergence_cpu.jsonl
 
     python -m benchmarks.convergence --plot benchmarks/results/convergence_cpu.jsonl \\

@@ -171,6 +171,7 @@ def students_config(p: int, teacher: str, epochs: int, size: int, args) -> objec
     config.image_size = size
     config.num_students = args["num_students"]
     config.epochs = epochs
+    config.min_train_steps = 0  # the time plan sets the epochs: no floor above them
     config.batch_size = 1
     config.learning_rate = 1e-4
     config.weight_decay = 1e-5

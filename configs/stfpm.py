@@ -24,6 +24,20 @@ Names:
 * ``smoke``: tiny random ResNet, 32² synthetic images written to /tmp, 2 epochs: under a
   minute on CPU (no data, no weights).
 
+Every name counts work, not epochs, with a floor that does not shrink with the category:
+``cpu`` / ``cpu_ensemble`` train at least 60 updates (``train_steps``; a 40-image category, 32
+trained at batch 8, gets 15 epochs), ``lite0`` / ``resnet18`` / ``ensemble`` the paper's 100
+epochs but at least bottle's 500 updates (``min_train_steps``). Each keeps the students of
+lowest validation loss on the held-out good images (``select="best_val"``, the authors' code);
+the final checkpoint records ``selected_steps``, ``selected_val_loss``, ``val_history`` and
+``val_loss_flattened`` (False, with a warning, when the loss was still falling).
+``--config.max_minutes=N`` (any name) stops at the first update after N minutes of training
+(the first step's compilation not counted; a resumed run gets what its checkpoint left of
+the budget), validates, saves and records ``stopped_by: "max_minutes"`` and the ``updates``
+done. ``keep_aspect="auto"`` (default) keeps a non-square category's aspect ratio: the short
+side becomes ``image_size`` and both sides multiples of the network's stride 16 (ball screws,
+1130×460: 256×624); ``--config.keep_aspect=False`` squashes to ``image_size``².
+
 Runtime and result on MVTec AD bottle at 256² (2 CPU cores, AMD EPYC, shared with other
 jobs; benchmarks/stfpm_mvtec.py, raw lines in benchmarks/results/stfpm_cpu.jsonl):
 

@@ -48,5 +48,18 @@ def get_config(arg: str = "p65") -> ml_collections.ConfigDict:
       epochs: ``ustad train-students --config configs/students.py:smoke --workdir
       /tmp/ustad_smoke`` runs end to end in under a minute on CPU (no data, no teacher needed;
       45 s on the shared 2-core CPU, mostly compilation).
+
+    Floors of updates, whatever the category's size: ``cpu`` its ``scale_train_steps``; the
+    paper's names (``p17`` … ``multiscale_small``) 100 epochs but at least bottle's 18,800
+    updates (``min_train_steps``; 0 turns the floor off, e.g. to train fewer epochs). Every
+    name validates the students on the held-out good images after each epoch (their training
+    loss there) and keeps each student's variables of lowest validation loss
+    (``select="best_val"``; ``"last"``: the paper's last step); each scale's final checkpoint
+    records ``selected_steps``, ``selected_val_loss``, ``val_history`` and
+    ``val_loss_flattened``. ``--config.max_minutes=N`` stops each scale at the first update
+    after N minutes of its training (compilation not counted; a resumed run gets the rest of
+    its budget) and records ``stopped_by: "max_minutes"``. ``keep_aspect="auto"`` (default)
+    keeps a non-square category's aspect (short side ``image_size``, both sides multiples of
+    the pooling stride).
     """
     return students_config(arg)

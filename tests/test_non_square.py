@@ -39,7 +39,8 @@ def test_image_size_takes_an_int_or_a_pair_on_the_command_line():
     assert _parse("--config.image_size=48").image_size == 48
     config = _parse("--config.image_size=(16, 24)", "--config.keep_aspect=True")
     assert as_size(config.image_size) == (16, 24) and config.keep_aspect is True
-    assert _parse().keep_aspect is False
+    assert _parse().keep_aspect == "auto"  # non-square training images keep their aspect
+    assert _parse("--config.keep_aspect=False").keep_aspect is False
     with pytest.raises(ValueError, match=r"got 'big' \(--config.image_size=256 or"):
         as_size(_parse("--config.image_size=big").image_size)
 

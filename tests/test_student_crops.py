@@ -158,7 +158,8 @@ def test_crop_training_resumes_exactly_and_calls_the_hook(data, tmp_path, monkey
     # 6 training images × 32² pixels / (2 crops × 16²) = 12 steps per epoch, 24 in all; the hook
     # runs after steps 5, 10, 15, 20 (not the last: the caller has the finished model then).
     assert [c[0] for c in calls] == [5, 10, 15, 20]
-    assert calls[0][1] == ["students", "target_stats", "teacher"]
+    # "best": each student's params of lowest validation loss so far (select="best_val").
+    assert calls[0][1] == ["best", "students", "target_stats", "teacher"]
 
     original = students_lib._check_values
 

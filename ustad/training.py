@@ -1,4 +1,5 @@
-"""The trainers' shared ground floor: input checks, hold-out, resumption and the one run loop.
+"""The trainers' shared ground floor: input checks, hold-out, resumption, time budgets and the
+one run loop (validation and the selection of the best students: :mod:`ustad.selection`).
 
 The three trainers (teacher, students, STFPM) differ in their step, their batches and what
 they do after it; :func:`run_loop` is the rest, the same for all: steps ``start_step …
@@ -13,6 +14,7 @@ import contextlib
 import dataclasses
 import hashlib
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -36,7 +38,7 @@ logger = logging.getLogger(__name__)
 
 # Settings added after workdirs were written, with the value those workdirs ran with: a run
 # resumed from one compares against it (a missing setting is otherwise not compared).
-SETTING_DEFAULTS = {"val_min_images": 0, "train_steps": 0}
+SETTING_DEFAULTS = {"val_min_images": 0, "train_steps": 0, "min_train_steps": 0, "select": "last"}
 
 
 def changed_settings(meta: dict, config, names) -> list[str]:
@@ -190,6 +192,84 @@ def check_member_losses(step: int, losses: np.ndarray) -> None:
         check_finite(f"the loss of student {i}", float(value), step)
 
 
+# --------------------------------------------------------------------------------- budgets
+
+
+class Budget:
+    """A time budget for training (``--config.max_minutes``; 0 or less: none).
+
+    What it counts, the *training clock*: the wall time inside :func:`run_loop` (steps,
+    validations, checkpoint saves), less the first step's call in each process (its tracing and
+    compilation: the step itself runs asynchronously after the call returns), plus
+    ``spent_before_s``, the training clock of the runs this one resumes (each checkpoint
+    records it as ``budget_seconds``). A resumed run therefore gets what is left of the budget,
+    not a fresh one; the steps redone after a kill are counted twice (the time between the last
+    checkpoint and the kill is lost), and a run resumed with its budget spent still makes one
+    update (its first step boundary). Data loading, the teacher's cache and the score
+    normalisation after training are outside the clock.
+
+    Attributes:
+      limit_s: the budget in seconds (inf: none).
+      spent_before_s: the clock of the earlier runs of the same workdir.
+      stopped_at: the step :func:`run_loop` stopped at because the budget was spent, or None.
+      clock: the time source (seconds), replaceable in tests.
+    """
+
+    def __init__(self, max_minutes: float = 0.0, spent_before_s: float = 0.0, clock=None):
+        minutes = float(max_minutes or 0.0)
+        self.max_minutes = minutes
+        self.limit_s = minutes * 60.0 if minutes > 0 else math.inf
+        self.spent_before_s = float(spent_before_s)
+        self.stopped_at: int | None = None
+        self.clock = clock or time.perf_counter
+        self._started: float | None = None
+        self._excluded = 0.0
+
+    def start(self) -> None:
+        """Start this process's part of the clock (:func:`run_loop` calls it)."""
+        self._started, self._excluded = self.clock(), 0.0
+
+    def exclude(self, seconds: float) -> None:
+        """Take ``seconds`` (a compilation) off this process's part of the clock."""
+        self._excluded += seconds
+
+    def seconds(self) -> float:
+        """The training clock now, earlier runs included."""
+        if self._started is None:
+            return self.spent_before_s
+        return self.spent_before_s + max(self.clock() - self._started - self._excluded, 0.0)
+
+    def spent(self) -> bool:
+        """Whether the training clock has reached the budget."""
+        return self.seconds() >= self.limit_s
+
+
+def check_max_minutes(config) -> None:
+    """Refuse a ``--config.max_minutes`` that is not a finite number ≥ 0, in one line."""
+    value = config.get("max_minutes", 0.0)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < math.inf:
+        raise ValueError(f"--config.max_minutes={value!r}: must be a number ≥ 0 (0 = no limit)")
+
+
+def run_budget(config, meta: dict) -> Budget:
+    """The run's :class:`Budget`: ``config.max_minutes`` less what the checkpoint ``meta`` it
+    resumes from already spent (``meta["budget_seconds"]``)."""
+    return Budget(config.get("max_minutes", 0.0), float(meta.get("budget_seconds", 0.0)))
+
+
+def finished(meta: dict, start_step: int, total_steps: int) -> bool:
+    """Whether the newest checkpoint (``meta``, at ``start_step``) is a finished run: trained to
+    its last step, or stopped by its time budget, and its score normalised."""
+    done = start_step == total_steps or meta.get("stopped_by") == "max_minutes"
+    return bool(meta.get("score_normalization")) and done
+
+
+def scheduled_steps(epochs: int, steps_per_epoch: int, min_steps: int = 0) -> int:
+    """``epochs`` whole epochs, or the fewest whole epochs that reach the floor ``min_steps``
+    when that is more (a floor of updates that does not shrink with a category's size)."""
+    return max(int(epochs), -(-int(min_steps) // steps_per_epoch)) * steps_per_epoch
+
+
 # --------------------------------------------------------------------------------- the loop
 
 
@@ -291,6 +371,7 @@ def run_loop(
     log: Log,
     saves: Saves | None = None,
     hooks: Sequence[Hook] = (),
+    budget: Budget | None = None,
 ) -> PyTree:
     """Run steps ``start_step … total_steps − 1``; returns the final state.
 
@@ -298,6 +379,12 @@ def run_loop(
     hooks run, a checkpoint is saved if due. Every step's losses pass ``check`` exactly once:
     one step late (after the next step is dispatched, so the device never idles on the host)
     or at once on a logged step.
+
+    With a ``budget``, the run ends at the first step boundary after the budget is spent: that
+    step counts as the last one (hooks with ``Every.final`` run, no periodic checkpoint, the
+    caller saves), and ``budget.stopped_at`` says which it was (None: the run went to
+    ``total_steps``). Every call runs at least one step: a resumed run whose budget was
+    already spent stops after its first.
 
     Args:
       step_fn: ``(state, batch, step) -> (state, losses)``, ``step`` counted from 0; usually
@@ -309,7 +396,10 @@ def run_loop(
       log: what is written and shown.
       saves: the periodic checkpoints, if any.
       hooks: what else runs between steps (validation, snapshots, a caller's callback).
+      budget: a time budget (:class:`Budget`), or None.
     """
+    if budget is not None:
+        budget.start()
     bar = None
     if log.writer is not None:
         per_step = log.unit_per_step
@@ -322,26 +412,35 @@ def run_loop(
     try:
         # Not strict: a source may be endless; one that runs short is caught below.
         for step, batch in zip(range(start_step, total_steps), batches, strict=False):
+            dispatched = budget.clock() if budget is not None else 0.0
             state, losses = step_fn(state, batch, step)
+            if budget is not None and step == start_step:
+                # The first call traces and compiles; the step itself runs asynchronously.
+                budget.exclude(budget.clock() - dispatched)
             if pending is not None:
                 check(pending[0], shd.to_host(pending[1]))
             pending, done = (step, losses), step + 1
             if bar is not None:
                 bar.update(log.unit_per_step)
-            if log.every.due(done, total_steps, steps_per_epoch):
+            stop = budget is not None and done < total_steps and budget.spent()
+            end = done if stop else total_steps  # a budget's last step is the run's last
+            if log.every.due(done, end, steps_per_epoch):
                 pending = None
                 clock = _log(log, bar, check, step, losses, clock, steps_per_epoch)
             for hook in hooks:
-                if hook.when.due(done, total_steps, steps_per_epoch):
+                if hook.when.due(done, end, steps_per_epoch):
                     state = hook.fn(done, state)
-            if saves and done < total_steps and saves.every.due(done, total_steps, steps_per_epoch):
+            if saves and done < end and saves.every.due(done, end, steps_per_epoch):
                 saves.checkpointer.save(done, state, saves.metadata(done))
+            if stop:
+                budget.stopped_at = done
+                break
         if pending is not None:
             check(pending[0], shd.to_host(pending[1]))
     finally:
         if bar is not None:
             bar.close()
-    if done < total_steps:
+    if done < total_steps and (budget is None or budget.stopped_at is None):
         raise ValueError(f"the batches ran out after step {done} of {total_steps}")
     return state
 

@@ -52,7 +52,14 @@ Reads: <data_dir>/<category>/train/good/*.png|jpg|bmp only (test/ and ground_tru
 needed), resized to --config.image_size: 256 (square) or '(H, W)', multiples of the network's
 pooling stride (8 for p=65, 4 for p=33, 1 for p=17); --config.keep_aspect=True resizes the
 short side to --config.image_size instead and rounds both sides to the stride (a warning says
-when images are squashed by more than 1.5×). The teacher in --config.teacher_workdir (a
+when images are squashed by more than 1.5×); the default, 'auto', does so when the training
+images are not square (long side > 1.1 × short side), in both families. Held-out good images
+(--config.val_fraction) give the validation loss after every epoch; the students of lowest
+validation loss are kept (--config.select=best_val; 'last' keeps the last), and the record says
+whether it had flattened. --config.max_minutes=N stops training at the first update after N
+minutes of training (compilation not counted; a resumed run gets what is left), saves and
+records stopped_by "max_minutes"; --config.min_train_steps is a floor of updates whatever the
+category's size. The teacher in --config.teacher_workdir (a
 workdir, a .teacher.npz file or an installed teacher's name; "{p}" is replaced by p).
 Writes: <workdir>/checkpoints/<step>/ and metrics.jsonl (one scale), or <workdir>/p<p>/ for
 each of several --config.patch_sizes; resumes an interrupted run, refuses to resume one with

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,6 +34,40 @@ from ustad.data.images import (
     resize_mask,
     warn_if_squashed,
 )
+
+logger = logging.getLogger(__name__)
+
+# keep_aspect="auto" keeps the aspect ratio of training images whose long side is more than this
+# factor of their short side: rounding both sides to a network's stride alone changes a square
+# image's ratio by a few percent, a 4:3 image (1.33) is not square, a ball screw (1130×460,
+# 2.46) far from it.
+AUTO_ASPECT_RATIO = 1.1
+
+
+def resolve_keep_aspect(
+    keep_aspect: bool | str, native_hw: Sequence[int], image_size: int | Sequence[int] | None
+) -> bool:
+    """Whether images of the native size `native_hw` keep their aspect ratio.
+
+    Args:
+        keep_aspect: True, False, or "auto": True when `image_size` is one int and the long
+            side of `native_hw` is more than `AUTO_ASPECT_RATIO` × its short side (a size given
+            as `(H, W)` is used as it is).
+        native_hw: the training images' (most common) `(H, W)`.
+        image_size: the configured size.
+
+    Raises:
+        ValueError: `keep_aspect` is none of the three.
+    """
+    if keep_aspect == "auto":
+        if not isinstance(image_size, int | np.integer):
+            return False
+        height, width = (int(s) for s in native_hw)
+        return max(height, width) > AUTO_ASPECT_RATIO * min(height, width)
+    if isinstance(keep_aspect, bool | np.bool_):
+        return bool(keep_aspect)
+    raise ValueError(f"--config.keep_aspect={keep_aspect!r}: choose True, False or 'auto'")
+
 
 MVTEC_CATEGORIES = (
     "bottle",
@@ -219,9 +254,9 @@ def load_mvtec_train(
     root: str | os.PathLike,
     category: str,
     *,
-    image_size: int | Sequence[int] = 256,
+    image_size: int | Sequence[int] | None = 256,
     grayscale: bool = False,
-    keep_aspect: bool = False,
+    keep_aspect: bool | str = False,
     multiple: int = 1,
 ) -> tuple[np.ndarray, list[str]]:
     """Only `<root>/<category>/train/good`, for training (no `test/` or masks needed).
@@ -231,8 +266,11 @@ def load_mvtec_train(
         keep_aspect: resize the short side to `image_size` (an int) and the long side by the
             same factor, both rounded to a multiple of `multiple` (see
             `ustad.data.images.fit_size`); the size comes from the most common native size, so
-            images of another aspect ratio are squashed to it (with a warning).
+            images of another aspect ratio are squashed to it (with a warning). "auto": the
+            same when that size is not square (`resolve_keep_aspect`), else `image_size`.
         multiple: what `keep_aspect` rounds to: the patch networks' pooling stride.
+
+    `image_size=None` keeps the most common native size (training on tiles: nothing resized).
 
     Returns:
         `(images [N, H, W, C] float32 in [0, 1], N paths)`; see `load_mvtec_category`.
@@ -240,7 +278,17 @@ def load_mvtec_train(
     paths = index_train(category_folder(root, category))
     native = [read_image_size(path) for path in paths]
     common = collections.Counter(native).most_common(1)[0][0]
-    size = fit_size(common, image_size, keep_aspect=keep_aspect, multiple=multiple)
+    if image_size is None:
+        image_size, keep_aspect = tuple(common), False
+    keep = resolve_keep_aspect(keep_aspect, common, image_size)
+    size = fit_size(common, image_size, keep_aspect=keep, multiple=multiple)
+    if keep_aspect == "auto" and keep:
+        logger.info(
+            "keep_aspect='auto': the training images are %d×%d (H×W), not square: trained at "
+            "%d×%d (the short side %s, both sides multiples of %d)",
+            *common, *size, image_size, multiple,
+        )  # fmt: skip
+    keep_aspect = keep
     warn_if_squashed(native, paths, size, multiple=multiple, keep_aspect=keep_aspect)
     images = np.empty((len(paths), *size, 1 if grayscale else 3), np.float32)
     for i, path in enumerate(paths):
@@ -277,7 +325,7 @@ def load_mvtec_category(
     *,
     image_size: int | Sequence[int] = 256,
     grayscale: bool = False,
-    keep_aspect: bool = False,
+    keep_aspect: bool | str = False,
     multiple: int = 1,
 ) -> MVTecCategory:
     """Loads one category of MVTec AD (or any data in its folder layout) into memory.
@@ -342,7 +390,7 @@ class MVTecTestSet:
 def load_mvtec_test(
     category_dir: str | os.PathLike,
     *,
-    image_size: int | Sequence[int] = 256,
+    image_size: int | Sequence[int] | None = 256,
     grayscale: bool = False,
 ) -> MVTecTestSet:
     """`<category_dir>/test/<type>/*` with the masks of `ground_truth/<type>/` if it exists.
@@ -352,9 +400,13 @@ def load_mvtec_test(
 
     Args:
         category_dir: a category folder in the MVTec layout.
-        image_size, grayscale: as in `load_mvtec_category`.
+        image_size, grayscale: as in `load_mvtec_category`; `image_size=None`: the test images'
+            most common native size (others are resized to it, with a warning).
     """
     entries = index_test(Path(category_dir), require_masks=False)
+    if image_size is None:
+        native = [read_image_size(entry.image_path) for entry in entries]
+        image_size = collections.Counter(native).most_common(1)[0][0]
     test = _load_test_entries(entries, as_size(image_size), grayscale)
     has_masks = (Path(category_dir) / "ground_truth").is_dir()
     return test if has_masks else dataclasses.replace(test, masks=None)

@@ -108,9 +108,13 @@ def model_from_checkpoint(workdir, step: int, state: PyTree, meta: dict) -> STFP
     )
 
 
+# What scoring reads of a checkpoint (not the optimizer state nor the best epoch's copy).
+SCORING_PARTS = ("teacher", "students/params", "students/batch_stats")
+
+
 def load_model(workdir: str | os.PathLike) -> STFPMModel:
     """Load the newest finished checkpoint of an STFPM workdir."""
-    step, state, meta = restore_workdir(workdir, (stfpm.FORMAT,))
+    step, state, meta = restore_workdir(workdir, (stfpm.FORMAT,), parts=SCORING_PARTS)
     return model_from_checkpoint(workdir, step, state, meta)
 
 
@@ -126,6 +130,7 @@ RESUME_SETTINGS = (
     "num_students",
     "epochs",
     "train_steps",
+    "min_train_steps",
     "val_min_images",
     "batch_size",
     "learning_rate",

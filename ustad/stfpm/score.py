@@ -25,9 +25,11 @@ from ustad import sharding as shd
 from ustad.detector import MapDetector
 from ustad.detector import score_sets as detector_score_sets
 from ustad.ensemble import resolve_member_strategy
+from ustad.program_cache import cached_jit
 from ustad.stfpm import maps as stfpm
 from ustad.stfpm.checkpoints import STFPMModel, load_model
 from ustad.stfpm.maps import level_scores
+from ustad.tiling import DEFAULT_OVERLAP
 
 PyTree = Any
 # The strides of the pyramid levels divide 32 (the deepest level of either backbone is at
@@ -48,8 +50,8 @@ def _score_fn(network, image_size, score, combination, strategy, mesh):
             normalization=normalization,
         )
 
-    if mesh is None:
-        return jax.jit(fn)
+    if mesh is None:  # the traced program is kept for the next process (program_cache.py)
+        return cached_jit(fn, ("stfpm.score", network, image_size, score, combination, strategy))
     return jax.jit(
         fn,
         in_shardings=(shd.replicated(mesh), shd.replicated(mesh), shd.batch_sharding(mesh)),
@@ -74,6 +76,8 @@ class STFPMDetector(MapDetector):
         member_strategy: how the students are run (:func:`ustad.ensemble.resolve_member_strategy`).
         score, combination: override the models' own (e.g. to measure the paper's product and
             the sum from one trained model); None keeps them.
+        tile, tile_overlap: score by tiles of the training size at the images' own resolution
+            (:class:`ustad.detector.MapDetector`).
     """
 
     def __init__(
@@ -89,12 +93,15 @@ class STFPMDetector(MapDetector):
         member_strategy: str = "auto",
         score: str | None = None,
         combination: str | None = None,
+        tile: bool = False,
+        tile_overlap: float = DEFAULT_OVERLAP,
     ):
         if compute_dtype is not None and jnp.dtype(compute_dtype) != jnp.float32:
             raise ValueError("STFPM scores in float32 only (drop --bf16)")
         super().__init__(
             models, STFPMModel, "STFPM", reduction=reduction, top_k=top_k,
-            smooth_sigma=smooth_sigma, batch_size=batch_size, mesh=mesh,
+            smooth_sigma=smooth_sigma, batch_size=batch_size, mesh=mesh, tile=tile,
+            tile_overlap=tile_overlap,
         )  # fmt: skip
         self.models = tuple(models)
         strategy = resolve_member_strategy(member_strategy, network="pyramid")

@@ -192,7 +192,8 @@ def teacher_maps_fn(network):
 @functools.lru_cache(maxsize=16)
 def validation_loss_fn(network, level_weights, strategy):
     """Jitted ``(teacher vars, students, images [B, ...]) -> [M, B]``: each student's loss on
-    each image, every network in inference mode (BatchNorm on running averages)."""
+    each image, every network in inference mode (BatchNorm on running averages); the trainer
+    averages it with :func:`ustad.training.validation_losses`."""
 
     def fn(teacher_variables, students, images):
         targets = teacher_maps(network, teacher_variables, images)
@@ -226,28 +227,6 @@ def level_moments_fn(network, image_size, strategy):
     return jax.jit(fn)
 
 
-@functools.lru_cache(maxsize=16)
-def keep_best_fn():
-    """Jitted ``(best, students, val_losses [M], epoch) -> best``: each member keeps the
-    variables of its lowest validation loss so far (the authors' code keeps its best epoch);
-    ``best`` is ``{"params", "batch_stats", "val_loss": [M], "epoch": [M]}``."""
-
-    def fn(best, students, val_losses, epoch):
-        improved = val_losses < best["val_loss"]
-
-        def choose(old, new):
-            return jnp.where(improved.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)
-
-        return {
-            "params": jax.tree.map(choose, best["params"], students["params"]),
-            "batch_stats": jax.tree.map(choose, best["batch_stats"], students["batch_stats"]),
-            "val_loss": jnp.where(improved, val_losses, best["val_loss"]),
-            "epoch": jnp.where(improved, epoch, best["epoch"]),
-        }
-
-    return jax.jit(fn)
-
-
 def _chunks(images: np.ndarray, size: int):
     for start in range(0, len(images), size):
         yield images[start : start + size]
@@ -274,19 +253,6 @@ def teacher_cache(network, teacher, images: np.ndarray, *, batch_size: int, max_
     fn = teacher_maps_fn(network)
     parts = [shd.to_host(fn(teacher, put(chunk))) for chunk in _chunks(images, batch_size)]
     return tuple(np.concatenate([p[level] for p in parts]) for level in range(len(shapes)))
-
-
-def validation_losses(fn, teacher, students, images: np.ndarray, *, batch_size: int, put):
-    """``[M]`` float64 mean loss of each student over ``images`` (:func:`validation_loss_fn`'s
-    ``fn``; the last chunk is padded, so nothing recompiles)."""
-    total = 0.0
-    for chunk in _chunks(images, batch_size):
-        real = len(chunk)
-        if real < batch_size:
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - real, axis=0)])
-        per_image = shd.to_host(fn(teacher, students, put(chunk)))
-        total = total + per_image[:, :real].sum(axis=1)
-    return np.asarray(total / len(images), np.float64)
 
 
 def score_normalization(network, params, images, image_size, *, batch_size, put, strategy):

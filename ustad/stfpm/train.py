@@ -8,7 +8,8 @@ to match the teacher's L2-normalised pyramid. Validation (``config.val_fraction`
 ``train/good``, 20 % as the authors' code) gives each student's loss after every epoch; with
 ``config.select = "best_val"`` each student keeps its epoch of lowest validation loss (the
 authors keep the epoch of the lowest mean validation anomaly map), and the per-level
-statistics of e and v on it normalise the ensemble score.
+statistics of e and v on it normalise the ensemble score. ``config.max_minutes`` stops training
+early (:class:`ustad.training.Budget`), ``config.min_train_steps`` is a floor of updates.
 
 Workdir layout::
 
@@ -32,7 +33,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -40,6 +40,13 @@ from ustad import sharding as shd
 from ustad.checkpointing import CHECKPOINT_SUBDIR, Checkpointer
 from ustad.ensemble import resolve_member_strategy
 from ustad.host_images import convert_channels
+from ustad.selection import (
+    end_record,
+    initial_best,
+    selection_record,
+    validation_hook,
+    validation_losses,
+)
 from ustad.stfpm import maps as stfpm
 from ustad.stfpm.checkpoints import (
     RESUME_SETTINGS,
@@ -51,15 +58,15 @@ from ustad.stfpm.checkpoints import (
 from ustad.stfpm.nets import pyramid_net, pyramid_spec
 from ustad.stfpm.steps import (
     init_students,
-    keep_best_fn,
     make_optimizer,
     make_train_step,
     score_normalization,
     teacher_cache,
     validation_loss_fn,
-    validation_losses,
 )
+from ustad.tiling import check_tile_fits_training, image_tiles, random_crops
 from ustad.training import (
+    Budget,
     Every,
     Hook,
     Log,
@@ -69,13 +76,15 @@ from ustad.training import (
     check_not_diverged,
     data_fingerprint,
     epoch_batches,
-    flattened,
+    finished,
     hold_out,
     member_losses,
     process_writer,
     resume,
+    run_budget,
     run_key,
     run_loop,
+    scheduled_steps,
 )
 
 __all__ = ["RESUME_SETTINGS", "train_and_evaluate", "train_stfpm"]
@@ -99,8 +108,12 @@ class _Run:
     steps_per_epoch: int
     total_steps: int
     select_best: bool  # each student keeps its epoch of lowest validation loss
-    # The mean validation loss after each validation of this process (not kept on resume).
+    floor: int  # the fewest updates the schedule gives (config.min_train_steps / train_steps)
+    # The mean validation loss after each validation (restored from the checkpoint on resume).
     val_history: list = dataclasses.field(default_factory=list)
+    # Training on tiles (config.train_tiles): the (H, W) of the random crops each step takes
+    # of the native-size training images, which is the model's input size; None: whole images.
+    tile_size: tuple[int, int] | None = None
 
     @property
     def epochs(self) -> int:
@@ -108,11 +121,25 @@ class _Run:
 
     @property
     def image_size(self) -> tuple[int, int]:
+        if self.tile_size is not None:
+            return self.tile_size
         return tuple(int(s) for s in self.train_images.shape[1:3])
 
     @property
     def put(self):
         return functools.partial(shd.shard_batch, mesh=self.mesh)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Books:
+    """Where a run writes: its checkpoints, metrics and metadata, and its clocks."""
+
+    checkpointer: Checkpointer
+    writer: Any  # the metrics file, or None on processes that write none
+    base_meta: dict
+    t0: float  # time.perf_counter() at the start of the training time, resumes included
+    budget: Budget
+    workdir: Path
 
 
 def train_stfpm(
@@ -151,7 +178,14 @@ def train_stfpm(
         config.backbone, tiny=config.get("tiny", False), levels=config.get("levels", None)
     )
     teacher, teacher_source = teacher_from_config(config, network, jax.random.fold_in(key, 2))
+    tile = train_tile_size(config)
+    if tile is not None:
+        # Validation and the score statistics see the held-out images as scoring by tiles
+        # does: every tile of the scoring layout.
+        check_tile_fits_training(train_images.shape[1:3], tile)
+        val_images = image_tiles(val_images, tile)
     run = _setup(config, network, train_images, val_images)
+    run = dataclasses.replace(run, tile_size=tile)
     state = _initial_state(config, run, teacher, key)
     base_meta = _base_meta(config, run, teacher_source, fingerprint)
 
@@ -166,12 +200,15 @@ def train_stfpm(
         start_step, state, meta = resume(checkpointer, state, compatible)
         if start_step:
             logger.info("resuming %s at step %d of %d", workdir, start_step, run.total_steps)
-        if "score_normalization" in meta and start_step == run.total_steps:
+        if finished(meta, start_step, run.total_steps):
             normalization = meta["score_normalization"]
             return model_from_state(network, state, run.image_size, config, normalization)
+        run.val_history[:] = meta.get("val_history", [])
+        budget = run_budget(config, meta)
         t0 = time.perf_counter() - float(meta.get("train_seconds", 0.0))
-        state = _train_loop(config, run, state, start_step, checkpointer, writer, base_meta, t0)
-        return _finish(config, run, state, checkpointer, writer, base_meta, t0, workdir)
+        books = _Books(checkpointer, writer, base_meta, t0, budget, workdir)
+        state, done = _train_loop(config, run, state, start_step, books)
+        return _finish(config, run, state, done, books)
 
 
 def _setup(config, network, train_images, val_images) -> _Run:
@@ -181,6 +218,7 @@ def _setup(config, network, train_images, val_images) -> _Run:
     if batch_size > len(train_images):
         raise ValueError(f"batch_size={batch_size} > {len(train_images)} training images")
     steps_per_epoch = len(train_images) // batch_size  # full batches only
+    total_steps, floor = schedule(config, steps_per_epoch)
     return _Run(
         train_images,
         val_images,
@@ -190,15 +228,26 @@ def _setup(config, network, train_images, val_images) -> _Run:
         shard_members,
         resolve_member_strategy(config.member_strategy, sharded=shard_members, network="pyramid"),
         steps_per_epoch,
-        scheduled_epochs(config, steps_per_epoch) * steps_per_epoch,
+        total_steps,
         select_best=config.select == "best_val" and len(val_images) > 0,
+        floor=floor,
     )
+
+
+def schedule(config, steps_per_epoch: int) -> tuple[int, int]:
+    """``(total_steps, floor)``: the updates a run of ``steps_per_epoch`` updates an epoch
+    trains (whole epochs: :func:`scheduled_epochs`, raised to the floor), and the floor, the
+    fewest updates it gets whatever the category's size: ``config.min_train_steps`` or
+    ``config.train_steps``, whichever is more."""
+    floor = max(int(config.get("min_train_steps", 0) or 0), int(config.get("train_steps", 0) or 0))
+    return scheduled_steps(scheduled_epochs(config, steps_per_epoch), steps_per_epoch, floor), floor
 
 
 def scheduled_epochs(config, steps_per_epoch: int) -> int:
     """Whole epochs to train: the fewest that reach ``config.train_steps`` updates when it is set
     (> 0: a count of updates holds for a category of 40 images and of 800), else
-    ``config.epochs`` (the paper's count)."""
+    ``config.epochs`` (the paper's count); :func:`ustad.training.scheduled_steps` then raises
+    it to the floor ``config.min_train_steps``."""
     updates = config.get("train_steps", 0) or 0
     if int(updates) != updates or updates < 0:
         raise ValueError(f"--config.train_steps must be an integer ≥ 0, got {updates!r}")
@@ -216,14 +265,8 @@ def _initial_state(config, run: _Run, teacher: PyTree, key: jax.Array) -> PyTree
     students = init_students(run.network, run.tx, key, config.num_students, members)
     state = {"students": students, "teacher": shd.put_replicated(teacher, run.mesh)}
     if run.select_best:
-        m = config.num_students
-        state["best"] = {
-            # Copies: the step donates the students' buffers.
-            "params": jax.tree.map(jnp.copy, students["params"]),
-            "batch_stats": jax.tree.map(jnp.copy, students["batch_stats"]),
-            "val_loss": shd.put_replicated(np.full(m, np.inf, np.float32), run.mesh),
-            "epoch": shd.put_replicated(np.full(m, -1, np.int32), run.mesh),
-        }
+        kept = {"params": students["params"], "batch_stats": students["batch_stats"]}
+        state["best"] = initial_best(kept, config.num_students, run.mesh, "epoch")
     return state
 
 
@@ -249,10 +292,11 @@ def _base_meta(config, run: _Run, teacher_source: str, fingerprint: str) -> dict
     }
 
 
-def _train_loop(config, run: _Run, state, start_step, checkpointer, writer, base_meta, t0):
+def _train_loop(config, run: _Run, state, start_step, books: _Books):
     """Epochs ``start_step // steps_per_epoch … run.epochs − 1``: steps, validation after
     each epoch (and the best students kept), a checkpoint at each epoch's end; returns the
-    final state."""
+    final state and the steps done (fewer than ``run.total_steps`` when the budget ran out)."""
+    writer, base_meta, budget = books.writer, books.base_meta, books.budget
     cache = _teacher_cache(config, run, state["teacher"])
     step_fn = make_train_step(
         run.network,
@@ -281,17 +325,26 @@ def _train_loop(config, run: _Run, state, start_step, checkpointer, writer, base
         data,
         config.batch_size,
         seed=config.seed,
-        sharding=shd.batch_sharding(run.mesh),
+        sharding=shd.batch_sharding(run.mesh) if run.tile_size is None else None,
         start_step=start_step,
         total_steps=run.total_steps,
     )
+    if run.tile_size is not None:
+        batches = _tile_batches(config, run, batches, start_step)
     spe = run.steps_per_epoch
 
     def metadata(step):
-        seconds = time.perf_counter() - t0
-        return dict(base_meta, step=step, epoch=step // spe - 1, train_seconds=seconds)
+        seconds = time.perf_counter() - books.t0
+        return dict(
+            base_meta,
+            step=step,
+            epoch=step // spe - 1,
+            train_seconds=seconds,
+            budget_seconds=budget.seconds(),
+            val_history=list(run.val_history),
+        )
 
-    return run_loop(
+    state = run_loop(
         step,
         state,
         batches,
@@ -307,9 +360,21 @@ def _train_loop(config, run: _Run, state, start_step, checkpointer, writer, base
             config.batch_size,
             values=lambda losses: member_losses(np.asarray(losses, np.float64)),
         ),
-        saves=Saves(checkpointer, Every(epochs=config.get("checkpoint_every_epochs", 1)), metadata),
+        saves=Saves(
+            books.checkpointer, Every(epochs=config.get("checkpoint_every_epochs", 1)), metadata
+        ),
         hooks=[_validation(config, run, writer)] if len(run.val_images) else [],
+        budget=budget,
     )
+    return state, run.total_steps if budget.stopped_at is None else budget.stopped_at
+
+
+def _tile_batches(config, run: _Run, host_batches, start_step: int):
+    """Training on tiles: each step's batch of native-size images (host arrays) cut to one
+    random tile-sized crop per image (:func:`ustad.tiling.random_crops`, drawn from the seed
+    and the step, so a resumed run takes the same crops), on the mesh."""
+    for step, batch in enumerate(host_batches, start_step):
+        yield {"image": run.put(random_crops(batch["image"], run.tile_size, config.seed, step))}
 
 
 def _teacher_cache(config, run: _Run, teacher: PyTree) -> PyTree | None:
@@ -317,8 +382,8 @@ def _teacher_cache(config, run: _Run, teacher: PyTree) -> PyTree | None:
     ``[N, h_l, w_l, C_l]`` float32 host array per level), or None when
     ``config.teacher_cache`` is ``"none"`` or they would not fit (the teacher then runs in
     every step)."""
-    if config.get("teacher_cache", "auto") == "none":
-        return None
+    if config.get("teacher_cache", "auto") == "none" or run.tile_size is not None:
+        return None  # (training on tiles: each step's crops are new)
     return teacher_cache(
         run.network,
         teacher,
@@ -335,42 +400,39 @@ def _validation(config, run: _Run, writer) -> Hook:
     weights = config.get("level_weights", None)
     weights = None if weights is None else tuple(weights)
     loss_fn = validation_loss_fn(run.network, weights, run.strategy)
-    keep_best = keep_best_fn()
-    history = run.val_history
 
-    def validate(step: int, state: PyTree) -> PyTree:
-        epoch = step // run.steps_per_epoch - 1
+    def losses(state: PyTree) -> np.ndarray:
+        fn = functools.partial(loss_fn, state["teacher"], state["students"])
+        return validation_losses(fn, run.val_images, batch_size=config.eval_batch_size, put=run.put)
+
+    def kept(state: PyTree) -> dict:
         students = state["students"]
-        val = validation_losses(
-            loss_fn,
-            state["teacher"],
-            students,
-            run.val_images,
-            batch_size=config.eval_batch_size,
-            put=run.put,
-        )
-        if run.select_best:
-            val_loss = jnp.asarray(val, jnp.float32)
-            state = dict(state, best=keep_best(state["best"], students, val_loss, epoch))
-        if writer:
-            per_student = {f"val_loss_{i}": float(v) for i, v in enumerate(val)}
-            writer.write(step, epoch=epoch, val_loss=float(val.mean()), **per_student)
-        history.append(float(val.mean()))
-        check_not_diverged(history, epoch, "the STFPM students")
-        return state
+        return {"params": students["params"], "batch_stats": students["batch_stats"]}
 
-    return Hook(Every(epochs=config.eval_every_epochs, final=True), validate)
+    return validation_hook(
+        losses=losses,
+        members=kept if run.select_best else None,
+        history=run.val_history,
+        writer=writer,
+        steps_per_epoch=run.steps_per_epoch,
+        every_epochs=config.eval_every_epochs,
+        check=lambda history, epoch: check_not_diverged(history, epoch, "the STFPM students"),
+        mark="epoch",
+    )
 
 
-def _finish(config, run: _Run, state, checkpointer, writer, base_meta, t0, workdir) -> STFPMModel:
+def _finish(config, run: _Run, state, done: int, books: _Books) -> STFPMModel:
     """The kept students' score normalisation (per-level statistics of e and v on the held-out
-    images), saved with them as the run's last checkpoint."""
+    images), saved with them as the run's last checkpoint (at step ``done``)."""
+    writer, workdir = books.writer, books.workdir
     final = state["students"]
     if run.select_best:
         best = state["best"]
         final = dict(final, params=best["params"], batch_stats=best["batch_stats"])
     students = {"params": final["params"], "batch_stats": final["batch_stats"]}
     norm_images = run.val_images if len(run.val_images) else run.train_images
+    if not len(run.val_images) and run.tile_size is not None:
+        norm_images = image_tiles(run.train_images, run.tile_size)
     normalization = score_normalization(
         run.network,
         {"teacher": state["teacher"], "students": students},
@@ -386,28 +448,41 @@ def _finish(config, run: _Run, state, checkpointer, writer, base_meta, t0, workd
             f"lower --config.learning_rate and use a new workdir"
         )
     state = dict(state, students=final)
-    elapsed = time.perf_counter() - t0
-    flat = flattened(run.val_history)
-    if flat is False:
-        logger.warning(
-            "the STFPM validation loss was still falling at the end of training (%s): more "
-            "updates would likely help (--config.train_steps)",
-            " → ".join(f"{v:.4g}" for v in run.val_history[-4:]),
-        )
+    elapsed = time.perf_counter() - books.t0
+    ended = end_record(
+        "the STFPM students",
+        history=run.val_history,
+        budget=books.budget,
+        done=done,
+        total_steps=run.total_steps,
+        floor=run.floor,
+    )
+    selection = selection_record(state.get("best"), run.steps_per_epoch, done)
     selected = shd.to_host(state["best"]["epoch"]).tolist() if run.select_best else None
     meta = dict(
-        base_meta,
-        step=run.total_steps,
+        books.base_meta,
+        step=done,
         train_seconds=elapsed,
-        selected_epochs=selected or [run.epochs - 1] * config.num_students,
+        selected_epochs=selected or [(done - 1) // run.steps_per_epoch] * config.num_students,
         score_normalization=normalization.tolist(),
         normalization_images=len(norm_images),
         normalization_source="validation" if len(run.val_images) else "train",
-        val_loss_flattened=flat,
+        val_history=list(run.val_history),
+        **ended,
+        **selection,
     )
-    checkpointer.save(run.total_steps, state, meta)
+    books.checkpointer.save(done, state, meta)
     if writer:
-        writer.write(run.total_steps, train_seconds=elapsed, selected_epochs=str(selected))
+        selected_loss = selection["selected_val_loss"]
+        writer.write(
+            done,
+            train_seconds=elapsed,
+            selected_epochs=str(selected),
+            selected_steps=str(selection["selected_steps"]),
+            selected_val_loss=str(selected_loss),
+            stopped_by=ended["stopped_by"],
+            val_loss_flattened=str(ended["val_loss_flattened"]),
+        )
     return model_from_state(run.network, state, run.image_size, config, normalization)
 
 
@@ -423,10 +498,51 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
 
 def training_images(config: ml_collections.ConfigDict) -> np.ndarray:
     """``config.data_dir/config.category/train/good`` at ``config.image_size``: ``[N, H, W,
-    C]`` float32 in [0, 1]."""
+    C]`` float32 in [0, 1].
+
+    With ``config.keep_aspect`` (``"auto"``: when the images are not square, see
+    :func:`ustad.data.mvtec.resolve_keep_aspect`) the short side becomes ``config.image_size``
+    and both sides are rounded to the network's largest stride (16), so every level of the
+    pyramid tiles the image exactly; the checkpoint records the size used (``image_size``), and
+    scoring and calibration resize to it.
+
+    With ``config.train_tiles`` the images keep their native size (the most common one) and
+    ``config.image_size`` is the size of the tiles training crops from them and scoring cuts.
+    """
     from ustad.data.mvtec import load_mvtec_train
 
-    return load_mvtec_train(config.data_dir, config.category, image_size=config.image_size)[0]
+    if config.get("train_tiles", False):
+        return load_mvtec_train(config.data_dir, config.category, image_size=None)[0]
+    network = pyramid_net(
+        config.backbone, tiny=config.get("tiny", False), levels=config.get("levels", None)
+    )
+    return load_mvtec_train(
+        config.data_dir,
+        config.category,
+        image_size=config.image_size,
+        keep_aspect=config.get("keep_aspect", False),
+        multiple=max(network.strides),
+    )[0]
+
+
+def train_tile_size(config: ml_collections.ConfigDict) -> tuple[int, int] | None:
+    """The ``(H, W)`` of the training tiles (``config.image_size``) with ``config.train_tiles``,
+    else None."""
+    if not config.get("train_tiles", False):
+        return None
+    from ustad.data.images import as_size
+
+    size = as_size(config.image_size)
+    network = pyramid_net(
+        config.backbone, tiny=config.get("tiny", False), levels=config.get("levels", None)
+    )
+    multiple = max(network.strides)
+    if size[0] % multiple or size[1] % multiple:
+        raise ValueError(
+            f"--config.train_tiles: the tile --config.image_size={config.image_size!r} must be "
+            f"a multiple of {multiple} (the pyramid's largest stride) on each side"
+        )
+    return size
 
 
 def held_out_images(config: ml_collections.ConfigDict) -> np.ndarray:
