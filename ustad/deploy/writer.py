@@ -111,14 +111,17 @@ def load_scales(workdirs: str | os.PathLike | Sequence[str | os.PathLike]):
 
     Returns:
       ``(scales, sources)``: the :class:`ustad.uninformed_students.checkpoints.ScaleModel` s
-      that :meth:`Detector.load` finds, and each one's ``teacher_source`` from its checkpoint
-      metadata.
+      that :meth:`Detector.load` finds and averages (a scale worse than chance on its
+      planted-defect check is left out, as ``ustad score`` does:
+      :func:`ustad.uninformed_students.score.select_scales`), and each one's
+      ``teacher_source`` from its checkpoint metadata.
     """
     from ustad.uninformed_students.checkpoints import find_scale_dirs, load_scale
+    from ustad.uninformed_students.score import select_scales
 
     if isinstance(workdirs, str | os.PathLike):
         workdirs = [workdirs]
-    scales = [load_scale(d) for w in workdirs for d in find_scale_dirs(w)]
+    scales = list(select_scales([load_scale(d) for w in workdirs for d in find_scale_dirs(w)]))
     return scales, [scale.teacher_source for scale in scales]
 
 

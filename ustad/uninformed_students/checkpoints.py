@@ -50,6 +50,13 @@ class ScaleModel:
       channels: C of the training images.
       padding: dense-extraction padding used in training.
       teacher_source: where the teacher came from (a name, file or workdir), as recorded.
+      normalization_kind: ``"quantile"`` (median and robust spread: new workdirs) or
+        ``"moments"`` (mean and σ: the paper's, and every workdir written before).
+      pseudo_auroc: the image AUROC of this scale alone on held-out good images against the
+        same images with planted defects
+        (:func:`ustad.uninformed_students.maps.pseudo_anomaly_auroc`); ``None`` when not
+        measured (older workdirs). Below 0.5 the detector leaves the scale out of a
+        multi-scale mean.
     """
 
     network: PatchNet
@@ -59,6 +66,8 @@ class ScaleModel:
     channels: int
     padding: str = "reflect"
     teacher_source: str | None = None
+    normalization_kind: str = "moments"
+    pseudo_auroc: float | None = None
 
     @property
     def patch_size(self) -> int:
@@ -71,10 +80,14 @@ class ScaleModel:
     def describe(self) -> str:
         """One line for people: what was trained and its score statistics."""
         n = self.normalization
+        kind = "median ± robust σ" if self.normalization_kind == "quantile" else "mean ± σ"
+        check = (
+            "" if self.pseudo_auroc is None else f"; pseudo-defect AUROC {self.pseudo_auroc:.3f}"
+        )
         return (
             f"p={self.patch_size}: {self.num_students} students at {self.image_size[0]}×"
-            f"{self.image_size[1]}; on held-out good images e = {n.error_mean:.4g} ± "
-            f"{n.error_std:.4g}, v = {n.variance_mean:.4g} ± {n.variance_std:.4g}"
+            f"{self.image_size[1]}; on held-out good images ({kind}) e = {n.error_mean:.4g} ± "
+            f"{n.error_std:.4g}, v = {n.variance_mean:.4g} ± {n.variance_std:.4g}{check}"
         )
 
 
@@ -96,9 +109,13 @@ def find_scale_dirs(workdir: str | os.PathLike) -> list[Path]:
     return found
 
 
+# What scoring reads of a checkpoint (not the students' optimizer state).
+SCORING_PARTS = ("teacher", "students/params", "target_stats")
+
+
 def load_scale(workdir: str | os.PathLike) -> ScaleModel:
     """Load the newest complete checkpoint of one scale's students workdir."""
-    step, state, meta = restore_workdir(workdir, (FORMAT,), hint=TRAIN_HINT)
+    step, state, meta = restore_workdir(workdir, (FORMAT,), hint=TRAIN_HINT, parts=SCORING_PARTS)
     if not meta.get("score_normalization"):
         raise ValueError(
             f"the students in {workdir} are not finished (step {step} of "
@@ -112,7 +129,7 @@ def load_scale(workdir: str | os.PathLike) -> ScaleModel:
         "std": state["target_stats"]["std"],
     }
     # A diverged run must not score: with e_σ = inf every map would be silently all zeros.
-    normalization = ScoreNormalization(**meta["score_normalization"])
+    normalization = normalization_from_meta(meta, workdir)
     check_normalization(normalization, network.out_dim, f"the students in {workdir}")
     for name in ("mean", "std"):
         if not np.isfinite(params[name]).all():
@@ -128,7 +145,35 @@ def load_scale(workdir: str | os.PathLike) -> ScaleModel:
         channels=int(meta["channels"]),
         padding=meta.get("padding", "reflect"),
         teacher_source=meta.get("teacher_source"),
+        **score_checks_from_meta(meta),
     )
+
+
+def normalization_from_meta(meta: dict, workdir="the workdir") -> ScoreNormalization:
+    """The four numbers that normalise a finished scale's scores, from its metadata.
+
+    ``"score_normalization"`` holds them under the paper's names (``error_mean``, ``error_std``,
+    ``variance_mean``, ``variance_std``) whatever their kind: the mean and σ in workdirs
+    written before issue 21 (which have no ``"score_statistics"``), the median and robust
+    spread in newer ones. Either loads and scores the same way.
+    """
+    record = meta["score_normalization"]
+    missing = [name for name in ScoreNormalization._fields if name not in record]
+    if missing:
+        raise ValueError(
+            f"{workdir}: the checkpoint metadata's score_normalization lacks {', '.join(missing)}"
+        )
+    return ScoreNormalization(**{name: record[name] for name in ScoreNormalization._fields})
+
+
+def score_checks_from_meta(meta: dict) -> dict:
+    """``{"normalization_kind", "pseudo_auroc"}`` of a finished scale (:class:`ScaleModel`);
+    workdirs written before issue 21 give ``"moments"`` and ``None``."""
+    auroc = (meta.get("pseudo_anomaly") or {}).get("image_auroc")
+    return {
+        "normalization_kind": (meta.get("score_statistics") or {}).get("kind", "moments"),
+        "pseudo_auroc": None if auroc is None else float(auroc),
+    }
 
 
 PyTree = Any
@@ -152,6 +197,8 @@ RESUME_SETTINGS = (
     "train_steps",
     "val_min_images",
     "scale_train_steps",
+    "min_train_steps",
+    "select",
 )
 
 
@@ -211,7 +258,11 @@ def score_params(state) -> PyTree:
     }
 
 
-def scale_model(module, state, normalization, image_size, channels, config) -> ScaleModel:
+def scale_model(
+    module, state, normalization, image_size, channels, config, meta=None
+) -> ScaleModel:
+    """The trained scale of a training ``state``; ``meta``: the finished run's metadata (its
+    normalisation kind and pseudo-anomaly check)."""
     return ScaleModel(
         network=module,
         params=shd.to_host(score_params(state)),
@@ -219,4 +270,5 @@ def scale_model(module, state, normalization, image_size, channels, config) -> S
         image_size=tuple(image_size),
         channels=int(channels),
         padding=config.padding,
+        **score_checks_from_meta(meta or {}),
     )

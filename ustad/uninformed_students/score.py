@@ -30,6 +30,8 @@ from ustad.ensemble import (
     normalized_score,
     resolve_member_strategy,
 )
+from ustad.program_cache import cached_jit
+from ustad.tiling import DEFAULT_OVERLAP
 from ustad.uninformed_students.checkpoints import ScaleModel, find_scale_dirs, load_scale
 from ustad.uninformed_students.maps import (
     error_and_variance,
@@ -59,6 +61,11 @@ class Detector(MapDetector):
         replicated); ``None`` runs on the default device.
       member_strategy: how the students are run, see
         :func:`ustad.ensemble.resolve_member_strategy`.
+      tile, tile_overlap: score by tiles of the training size at the images' own resolution
+        (:class:`ustad.detector.MapDetector`).
+      drop_worse_than_chance: leave out of the mean of several scales those whose
+        pseudo-anomaly AUROC (:attr:`ScaleModel.pseudo_auroc`) is below 0.5, with a warning
+        (:func:`select_scales`); ``False`` averages every scale given.
 
     :meth:`score` (maps and image scores) is :meth:`ustad.detector.MapDetector.score`.
     """
@@ -74,10 +81,15 @@ class Detector(MapDetector):
         batch_size: int = 8,
         mesh: jax.sharding.Mesh | None = None,
         member_strategy: str = "auto",
+        tile: bool = False,
+        tile_overlap: float = DEFAULT_OVERLAP,
+        drop_worse_than_chance: bool = True,
     ):
+        scales = select_scales(scales) if drop_worse_than_chance else tuple(scales)
         super().__init__(
             scales, ScaleModel, "Uninformed Students", reduction=reduction, top_k=top_k,
-            smooth_sigma=smooth_sigma, batch_size=batch_size, mesh=mesh,
+            smooth_sigma=smooth_sigma, batch_size=batch_size, mesh=mesh, tile=tile,
+            tile_overlap=tile_overlap,
         )  # fmt: skip
         self.scales = tuple(scales)
         strategy = resolve_member_strategy(member_strategy)
@@ -116,6 +128,35 @@ class Detector(MapDetector):
         return cls([load_scale(d) for d in dirs], **kwargs)
 
 
+def select_scales(scales: Sequence[ScaleModel]) -> tuple[ScaleModel, ...]:
+    """The scales a multi-scale mean averages: all but those that rank held-out good images
+    above the same images with planted defects (pseudo-anomaly AUROC < 0.5, measured after
+    training), each left out with a one-line warning. A scale without the measurement (older
+    workdirs) is kept; a single scale is always kept; when every scale would be left out, all
+    are kept, with a warning.
+
+    A mean of normalised maps gives every scale the same weight, so a scale that is worse than
+    chance (issue 21: p = 17 at image AUROC 0.41 on a 54-image category) pulls the others down.
+    """
+    scales = tuple(scales)
+    aurocs = [getattr(scale, "pseudo_auroc", None) for scale in scales]
+    bad = [i for i, auroc in enumerate(aurocs) if auroc is not None and auroc < 0.5]
+    if len(scales) < 2 or not bad:
+        return scales
+    names = ", ".join(f"p{scales[i].patch_size} ({aurocs[i]:.3f})" for i in bad)
+    if len(bad) == len(scales):
+        logger.warning(
+            "every scale is worse than chance on held-out good images with planted defects "
+            "(pseudo-defect image AUROC %s): averaging all of them anyway", names,
+        )  # fmt: skip
+        return scales
+    logger.warning(
+        "leaving %s out of the multi-scale mean: worse than chance on held-out good images "
+        "with planted defects (pseudo-defect image AUROC < 0.5)", names,
+    )  # fmt: skip
+    return tuple(scale for i, scale in enumerate(scales) if i not in bad)
+
+
 def score_sets(scales: Sequence[ScaleModel], images: np.ndarray, **detector_kwargs):
     """Anomaly maps and image scores of each scale and, with several, of their average (the
     paper's multi-scale score: the plain mean).
@@ -137,8 +178,8 @@ def score_sets(scales: Sequence[ScaleModel], images: np.ndarray, **detector_kwar
 def _score_fn(networks, paddings, mesh, strategy):
     """The jitted multi-scale score, cached so equal detectors share one compilation."""
     fn = functools.partial(_score_sum, networks, paddings, strategy)
-    if mesh is None:
-        return jax.jit(fn)
+    if mesh is None:  # the traced program is kept for the next process (program_cache.py)
+        return cached_jit(fn, ("uninformed_students.score", networks, paddings, strategy))
     return jax.jit(
         fn,
         in_shardings=(shd.replicated(mesh), shd.batch_sharding(mesh)),
