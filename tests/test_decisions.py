@@ -170,7 +170,7 @@ def test_images_are_read_one_batch_at_a_time_and_extreme_resizes_warned(
     folder = tmp_path / "in"
     folder.mkdir()
     rng = np.random.default_rng(0)
-    for i in range(4):
+    for i in range(10):
         Image.fromarray(rng.integers(0, 255, (32, 32, 3), np.uint8)).save(folder / f"{i}.png")
     Image.fromarray(np.zeros((1, 1, 3), np.uint8)).save(folder / "tiny.png")
     from ustad import families
@@ -180,8 +180,9 @@ def test_images_are_read_one_batch_at_a_time_and_extreme_resizes_warned(
     detector.score = lambda images: events.append("score") or real_score(images)
     paths = sorted(folder.iterdir())
     score_files.score_files(detector, paths, tmp_path / "out", calibration=None, vmin=0, vmax=1)
-    assert events.count("score") == 3
-    # The second batch is read after the first is scored: never all images at once.
+    assert events.count("score") == 6
+    # Reading runs at most score_files.PREFETCH_BATCHES (2) batches ahead of scoring, so of 6
+    # batches the last is read after the first is scored: never all images at once.
     assert events.index("score") < len(events) - 1 - events[::-1].index("read")
     assert "resized by more than 8×" in caplog.text and "tiny.png" in caplog.text
 

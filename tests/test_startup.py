@@ -1,5 +1,6 @@
 """The commands' persistent compilation cache: the second `ustad score` of a model reads every
-compiled program it needs from the cache instead of compiling it (two processes)."""
+compiled program it needs from the cache instead of compiling it, and the detector's traced
+program instead of tracing it (two processes)."""
 
 import os
 import pathlib
@@ -34,8 +35,12 @@ def test_the_second_score_compiles_nothing(tmp_path):
     _score(tmp_path, cache, "first")
     written = sorted(p.name for p in cache.iterdir())
     assert written, "the first run wrote nothing to the compilation cache"
+    traced = sorted(p.name for p in (cache / "ustad-programs").iterdir())
+    assert traced, "the first run kept no traced program (ustad/program_cache.py)"
     _score(tmp_path, cache, "second")
-    # Every program of the second run was found: nothing new was compiled and written.
+    # Every program of the second run was found: nothing new was compiled and written, and
+    # the detector's program was read, not traced again.
     assert sorted(p.name for p in cache.iterdir()) == written
+    assert sorted(p.name for p in (cache / "ustad-programs").iterdir()) == traced
     first = (tmp_path / "first" / "scores.csv").read_text()
     assert (tmp_path / "second" / "scores.csv").read_text() == first

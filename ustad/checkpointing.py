@@ -23,7 +23,9 @@ import sys
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 PyTree = Any
 logger = logging.getLogger(__name__)
@@ -112,18 +114,25 @@ class Checkpointer:
             force=True,
         )
 
-    def restore(self, step: int, target: PyTree | None = None) -> tuple[PyTree, dict]:
+    def restore(
+        self, step: int, target: PyTree | None = None, *, parts: tuple[str, ...] | None = None
+    ) -> tuple[PyTree, dict]:
         """Restore ``step``.
 
         Args:
           step: which step.
           target: a pytree of arrays (or ``jax.ShapeDtypeStruct``) with the state's structure,
             shapes, dtypes and shardings; ``None`` restores as saved (host arrays).
+          parts: read only these subtrees of the state, as host arrays (``"teacher"``,
+            ``"students/params"``: key paths joined by ``/``), e.g. what scoring needs without
+            the optimizer state; ``None`` reads everything.
 
         Returns:
           ``(state, metadata)``.
         """
         self._check_step(step)
+        if parts is not None:
+            return self._restore_parts(step, tuple(parts)), self.restore_metadata(step)
         if target is not None:
             target = jax.tree.map(_abstract, target)
             state_args = ocp.args.StandardRestore(target)
@@ -133,6 +142,24 @@ class Checkpointer:
             step, args=ocp.args.Composite(state=state_args, metadata=ocp.args.JsonRestore())
         )
         return restored["state"], dict(restored["metadata"] or {})
+
+    def _restore_parts(self, step: int, parts: tuple[str, ...]) -> PyTree:
+        """The subtrees ``parts`` of ``step``'s state as NumPy arrays; the other arrays (the
+        optimizer state: a third or more of a training checkpoint) are not read."""
+        path = epath.Path(self.directory) / str(step) / "state"
+        handler = ocp.PyTreeCheckpointHandler()
+        try:
+            item = _select(handler.metadata(path).tree, parts, str(path))
+            abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), item)
+            as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+            return handler.restore(
+                path,
+                args=ocp.args.PyTreeRestore(
+                    item=abstract, restore_args=as_numpy, partial_restore=True
+                ),
+            )
+        finally:
+            handler.close()
 
     def restore_metadata(self, step: int) -> dict:
         """Only the JSON metadata of ``step`` (cheap; no arrays are read)."""
@@ -160,9 +187,11 @@ class Checkpointer:
             raise ValueError(f"no checkpoint in {self.directory} reads back ({steps=})")
         return None
 
-    def restore_latest(self, target: PyTree | None = None) -> tuple[int, PyTree, dict] | None:
+    def restore_latest(
+        self, target: PyTree | None = None, *, parts: tuple[str, ...] | None = None
+    ) -> tuple[int, PyTree, dict] | None:
         """``(step, state, metadata)`` of the newest checkpoint that reads back, or ``None`` if
-        there is none.
+        there is none (``target``, ``parts``: as :meth:`restore`).
 
         A damaged step (truncated or missing file) is skipped with a warning that names it; if
         no step reads back, the newest step's error is raised with the directory named.
@@ -171,7 +200,7 @@ class Checkpointer:
         first_error = None
         for i, step in enumerate(steps):
             try:
-                state, metadata = self.restore(step, target)
+                state, metadata = self.restore(step, target, parts=parts)
                 return step, state, metadata
             except Exception as error:  # any damage: fall back, say so
                 first_error = first_error or error
@@ -229,13 +258,16 @@ class Checkpointer:
         self.close()
 
 
-def restore_workdir(workdir, formats: tuple[str, ...] = (), *, hint: str = ""):
+def restore_workdir(
+    workdir, formats: tuple[str, ...] = (), *, hint: str = "", parts: tuple[str, ...] | None = None
+):
     """The newest checkpoint of a workdir that reads back: the one loader of every family.
 
     Args:
       workdir: a training workdir (its checkpoints in ``<workdir>/checkpoints``).
       formats: the metadata ``"format"`` values the caller reads; empty = any.
       hint: appended to the error when there is no checkpoint (e.g. how to train one).
+      parts: read only these subtrees of the state (:meth:`Checkpointer.restore`).
 
     Returns:
       ``(step, state, metadata)``, the state as saved (host arrays).
@@ -245,7 +277,7 @@ def restore_workdir(workdir, formats: tuple[str, ...] = (), *, hint: str = ""):
     """
     directory = os.path.join(os.fspath(workdir), CHECKPOINT_SUBDIR)
     with Checkpointer(directory) as checkpointer:
-        restored = checkpointer.restore_latest()
+        restored = checkpointer.restore_latest(parts=parts)
     if restored is None:
         raise FileNotFoundError(f"no checkpoint in {directory}" + (f"; {hint}" if hint else ""))
     step, state, meta = restored
@@ -264,6 +296,24 @@ def workdir_metadata(workdir) -> dict | None:
     with Checkpointer(directory) as checkpointer:
         intact = checkpointer.latest_intact()
     return None if intact is None else intact[1]
+
+
+def _select(tree: PyTree, parts: tuple[str, ...], where: str) -> dict:
+    """The subtrees of a nested-dict ``tree`` at the ``/``-joined key paths ``parts``.
+
+    Raises:
+      ValueError: a part the tree does not have (named, with ``where``).
+    """
+    selected: dict = {}
+    for part in parts:
+        source, target, keys = tree, selected, part.split("/")
+        for i, key in enumerate(keys):
+            if not isinstance(source, dict) or key not in source:
+                raise ValueError(f"{where} has no {'/'.join(keys[: i + 1])!r} (reading {part!r})")
+            source = source[key]
+            target = target.setdefault(key, {}) if i < len(keys) - 1 else target
+        target[keys[-1]] = source
+    return selected
 
 
 def _abstract(x):

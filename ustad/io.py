@@ -1,4 +1,5 @@
-"""Atomic file writes: readers never see a half-written file, and a failed write leaves none.
+"""Atomic file writes (readers never see a half-written file, and a failed write leaves none)
+and ustad's user cache folder.
 
 Files get the permissions a plain ``open(path, "w")`` would give (0644 under the usual umask
 022), not the 0600 of the temporary file they are written to.
@@ -38,3 +39,13 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def default_cache_dir() -> str:
+    """``$USTAD_CACHE`` if set, else ``$XDG_CACHE_HOME/ustad``, else ``~/.cache/ustad``: where
+    downloaded weights and the commands' compilation cache are kept (here, in a module that
+    imports nothing heavy, so that every command can find it before importing JAX)."""
+    if "USTAD_CACHE" in os.environ:
+        return os.environ["USTAD_CACHE"]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "ustad")

@@ -16,21 +16,26 @@ For every image ``<rel>`` (its path relative to the images' common folder, exten
 
 Every image is decoded once before any is scored (an unreadable one stops the run naming it,
 writing nothing) and the output folder is checked to be writable first; then images are read
-again and scored one batch at a time, so no more than a batch is held at native size. Every file
-is written atomically; when writing fails midway (a full disk), ``scores.csv`` lists the images
-done and the error says how many.
+again and scored one batch at a time, a background thread decoding the next batches while the
+current one is scored (:func:`read_batches`: at most ``prefetch`` batches ahead, so no more than
+a few batches are held at native size). Every file is written atomically; when writing fails
+midway (a full disk), ``scores.csv`` lists the images done and the error says how many.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import errno
+import functools
 import io
 import json
 import logging
 import os
+import queue
 import tempfile
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -51,6 +56,14 @@ DECISION_COLUMNS = (
 # pixels vanishes when shrunk 8×, and an image blown up 8× holds no detail at the model's size.
 EXTREME_RESIZE = 8.0
 MAP_DTYPES = ("float32", "float16")
+# Batches decoded ahead of the one being scored: two keep the scorer fed when one batch's
+# decoding takes longer than usual, and bound the memory to a few batches.
+PREFETCH_BATCHES = 2
+# Batches of outputs queued for the writer thread (encoding the overlays' PNGs and compressing
+# the maps costs as much as scoring at 256²).
+WRITE_BEHIND_BATCHES = 2
+# Threads that draw the overlays when they wait for the run's colour scale (no calibration).
+DRAWING_THREADS = 4
 
 
 class ScoredFiles(NamedTuple):
@@ -254,6 +267,136 @@ def _batches(sizes, batch_size):
             yield indices[start : start + batch_size]
 
 
+def _check_batches(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be an integer ≥ 0 (batches), got {value!r}")
+
+
+def read_batches(
+    paths: Sequence[str | os.PathLike],
+    chunks: Sequence[Sequence[int]],
+    prefetch: int = PREFETCH_BATCHES,
+) -> Iterator[tuple[Sequence[int], np.ndarray]]:
+    """``(chunk, images [B, H, W, C] float32)`` for each index chunk, in order, the images read by
+    a background thread up to ``prefetch`` batches ahead of the caller.
+
+    Decoding (PIL, zlib) and the jitted scoring both release the GIL, so reading the next
+    batches overlaps scoring the current one; ``prefetch=0`` reads each batch in the caller's
+    thread when it is asked for (no thread).
+
+    Args:
+        paths: the image files.
+        chunks: lists of indices into ``paths``; the images of a chunk share one size.
+        prefetch: batches read ahead (≥ 0).
+
+    Raises:
+        FileNotFoundError, ValueError: an unreadable image (named by
+            :func:`ustad.data.images.read_image`), raised at its batch's turn: every batch
+            before it is yielded first, none after it is read.
+    """
+    _check_batches("prefetch", prefetch)
+
+    def read(chunk):
+        return np.stack([read_image(paths[i]) for i in chunk])
+
+    if prefetch == 0:
+        for chunk in chunks:
+            yield chunk, read(chunk)
+        return
+    ready: queue.Queue = queue.Queue(maxsize=prefetch)
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def reader() -> None:
+        for chunk in chunks:
+            try:
+                item = (chunk, read(chunk), None)
+            except BaseException as error:  # handed to the caller, raised in its thread
+                put((chunk, None, error))
+                return
+            if stop.is_set() or not put(item):
+                return
+        put(None)
+
+    thread = threading.Thread(target=reader, name="ustad-read-images", daemon=True)
+    thread.start()
+    try:
+        while (item := ready.get()) is not None:
+            chunk, images, error = item
+            if error is not None:
+                raise error
+            yield chunk, images
+    finally:
+        stop.set()  # the caller stopped early (an error, a closed generator): end the reader
+        thread.join()
+
+
+class _WriteBehind:
+    """Each image's files written by ``workers`` background threads, at most ``depth`` images
+    queued (``depth=0``: written at once, in the caller's thread). With one worker the files
+    are written in the order submitted.
+
+    The first failed write stops the ones after it (their ``then`` callbacks do not run) and
+    is raised by the next :meth:`submit` or on leaving the ``with`` block, so with one worker
+    ``scores.csv`` lists exactly the images whose files were written.
+    """
+
+    def __init__(self, depth: int, workers: int = 1):
+        self.depth, self.error = depth, None
+        if depth:
+            self.jobs: queue.Queue = queue.Queue(maxsize=depth)
+            self.threads = [
+                threading.Thread(target=self._run, name="ustad-write-outputs", daemon=True)
+                for _ in range(workers)
+            ]
+            for thread in self.threads:
+                thread.start()
+
+    def _run(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            if self.error is None:
+                try:
+                    self._write(*job)
+                except BaseException as error:  # raised in the caller's thread
+                    self.error = self.error or error
+
+    @staticmethod
+    def _write(args, then) -> None:
+        _write_one(*args)
+        if then is not None:
+            then()
+
+    def submit(self, *args, then=None) -> None:
+        """``_write_one(*args)``, in order after the writes before it, then ``then()`` (not
+        run when the write fails)."""
+        if self.error is not None:
+            raise self.error
+        if self.depth:
+            self.jobs.put((args, then))
+        else:
+            self._write(args, then)
+
+    def __enter__(self) -> _WriteBehind:
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if self.depth:
+            for _ in self.threads:
+                self.jobs.put(None)  # the writes queued still run: at most depth images
+            for thread in self.threads:
+                thread.join()
+        if kind is None and self.error is not None:
+            raise self.error
+
+
 def score_files(
     detector,
     paths: Sequence[str | os.PathLike],
@@ -265,6 +408,8 @@ def score_files(
     settings: dict | None = None,
     sizes: Sequence[tuple[int, int]] | None = None,
     map_dtype: str = "float32",
+    prefetch: int = PREFETCH_BATCHES,
+    write_behind: int = WRITE_BEHIND_BATCHES,
 ) -> ScoredFiles:
     """Score image files and write their maps, masks, overlays and ``scores.csv`` under ``out``.
 
@@ -279,6 +424,10 @@ def score_files(
         settings: JSON-ready facts written to ``<out>/scoring.json``; None writes none.
         sizes: each image's ``(H, W)`` from :func:`scan_images`; default: scanned here.
         map_dtype: ``"float32"`` (lossless) or ``"float16"`` (compressed) maps.
+        prefetch: batches of images decoded ahead by a background thread while a batch is
+            scored (:func:`read_batches`); 0 reads each batch when it is scored.
+        write_behind: batches of outputs written by a background thread, in order, while the
+            next batches are scored; 0 writes each image's files before the next batch.
 
     Returns:
         :class:`ScoredFiles`.
@@ -289,10 +438,17 @@ def score_files(
     """
     if map_dtype not in MAP_DTYPES:
         raise ValueError(f"map_dtype must be one of {MAP_DTYPES}, got {map_dtype!r}")
+    _check_batches("prefetch", prefetch)
+    _check_batches("write_behind", write_behind)
     names, out = output_names(paths), Path(out)
     sizes = scan_images(paths) if sizes is None else sizes
+    if len(sizes) != len(paths):
+        raise ValueError(f"sizes has {len(sizes)} (H, W) pairs for {len(paths)} images")
     check_writable(out)
-    input_sizes = getattr(detector, "input_sizes", None)
+    # Scored by tiles (--tile), images keep their size: nothing is resized to warn about.
+    input_sizes = (
+        None if getattr(detector, "tile", False) else getattr(detector, "input_sizes", None)
+    )
     resize_warning = input_sizes and warn_extreme_resizes(sizes, paths, input_sizes)
     if calibration is not None and vmin is None and vmax is None:
         vmin, vmax = calibration.colour_scale()
@@ -300,24 +456,42 @@ def score_files(
     rows: list[dict | None] = [None] * len(paths)
     kept: dict[int, tuple] = {}
     try:
-        with progress(len(paths), desc="scoring", unit="img") as bar:
-            for chunk in _batches(sizes, detector.batch_size):
-                images = np.stack([read_image(paths[i]) for i in chunk])
-                prediction = decide(*detector.score(images), calibration)
-                for j, i in enumerate(chunk):
-                    if deferred:
-                        kept[i] = (prediction, j)  # the image is read again to draw it
-                    else:
-                        _write_one(out, names[i], images[j], prediction, j, (vmin, vmax), map_dtype)
-                    rows[i] = _row(paths[i], names[i], prediction, j)
-                bar.update(len(chunk))
+        with _WriteBehind(write_behind * detector.batch_size) as writer:
+            chunks = list(_batches(sizes, detector.batch_size))
+            # closing(): an error while scoring ends the reader thread at once, not only when
+            # the traceback that holds this frame is dropped.
+            with (
+                progress(len(paths), desc="scoring", unit="img") as bar,
+                contextlib.closing(read_batches(paths, chunks, prefetch)) as batches,
+            ):
+                for chunk, images in batches:
+                    prediction = decide(*detector.score(images), calibration)
+                    for j, i in enumerate(chunk):
+                        row = _row(paths[i], names[i], prediction, j)
+                        if deferred:
+                            kept[i], rows[i] = (prediction, j), row  # drawn when all are scored
+                        else:
+                            image, scale = images[j], (vmin, vmax)
+                            writer.submit(
+                                out, names[i], image, prediction, j, scale, map_dtype,
+                                then=functools.partial(rows.__setitem__, i, row),  # written
+                            )  # fmt: skip
+                    bar.update(len(chunk))
         if deferred:
             low = min(float(p.maps[j].min()) for p, j in kept.values())
             high = max(float(p.maps[j].max()) for p, j in kept.values())
             vmin, vmax = (low if vmin is None else vmin), (high if vmax is None else vmax)
-            for i, (prediction, j) in kept.items():
-                image = read_image(paths[i])
-                _write_one(out, names[i], image, prediction, j, (vmin, vmax), map_dtype)
+            redraw = [[i] for i in kept]  # read again one at a time: a batch per image held
+            # Scoring is done: the overlays are drawn (PNG and deflate encoding release the GIL)
+            # by several threads, in any order (every row is already in scores.csv's list).
+            workers = min(os.cpu_count() or 1, DRAWING_THREADS) if write_behind else 1
+            with (
+                contextlib.closing(read_batches(paths, redraw, prefetch)) as batches,
+                _WriteBehind(write_behind * detector.batch_size, workers) as drawer,
+            ):
+                for (i,), image in batches:
+                    prediction, j = kept[i]
+                    drawer.submit(out, names[i], image[0], prediction, j, (vmin, vmax), map_dtype)
         _write_csv(out, rows)
     except OSError as error:
         raise _write_failed(error, out, [r for r in rows if r is not None], len(paths)) from None

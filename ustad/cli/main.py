@@ -284,11 +284,9 @@ def enable_compilation_cache() -> str | None:
         return None
     import jax
 
-    from ustad.models.pretrained import default_cache_dir
+    from ustad.io import default_cache_dir
 
-    path = os.environ.get("USTAD_COMPILATION_CACHE_DIR") or os.path.join(
-        default_cache_dir(), "jax"
-    )
+    path = os.environ.get("USTAD_COMPILATION_CACHE_DIR") or os.path.join(default_cache_dir(), "jax")
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", CACHE_MIN_COMPILE_SECONDS)
     return path

@@ -31,6 +31,16 @@ than 8× to the model's size get a warning.
 Options (not in the paper, off by default): --smooth_sigma=S blurs each map by a Gaussian of
 S pixels before the image score; --reduction=topk --top_k=K scores an image by the mean of its
 K highest pixels instead of the maximum (a calibration holds for the options it was made with).
+Large images (--tile): each image is scored at its own resolution by tiles of the training size
+overlapping by at least --tile_overlap (default 0.25 of a tile; the last tile flush with the
+border), and the tile maps are stitched by a trimmed mean (each tile's inner edges, half the
+overlap, are left to its neighbour; ustad/tiling.py); the image score comes from the stitched
+map. Every image must be at least one tile (an image smaller than a tile is refused, naming it,
+before anything is written). A calibration holds for the tiling it was made with: a workdir
+calibrated on resized images has no thresholds for tiled maps, so without `ustad calibrate
+--tile` the run writes scores only and says why (a workdir trained on tiles,
+--config.train_tiles, is calibrated by tiles when it is trained). scoring.json records the
+tiling.
 Time: compilation (seconds), then per image at 256² with the paper's nets ~10–14 s per scale
 and 35 s multi-scale on 2 CPU cores (benchmarks/RESULTS.md); the demo's small nets at 64²
 score several images a second. The decisions add ≤ 5 % (benchmarks/calibration_overhead.py).
@@ -93,6 +103,10 @@ def run(fv: flags.FlagValues) -> int:
     sizes = scan_images(paths)
     check_writable(fv["out"].value)
     detector, settings, calibration, why = _exported(fv) if fv["model"].value else _trained(fv)
+    if getattr(detector, "tile", False):
+        from ustad.tiling import check_tiles_fit
+
+        check_tiles_fit(sizes, paths, detector.input_sizes)
     calibration = operating_point(calibration, why, fv, settings)
     result = score_files(
         detector,
@@ -175,6 +189,11 @@ def _exported(fv: flags.FlagValues):
     """The detector of an exported --model file and the settings scoring.json records."""
     from ustad.deploy.runtime import load
 
+    if fv["tile"].value:
+        raise ValueError(
+            f"--tile: {fv['model'].value} scores whole images at its input size; score by tiles "
+            f"with --workdirs"
+        )
     fixed = [f"--{n}" for n in ("reduction", "top_k", "smooth_sigma") if fv[n].present]
     if fixed:
         raise ValueError(

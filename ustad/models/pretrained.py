@@ -26,6 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ustad.io import default_cache_dir
 from ustad.models import efficientnet_lite, resnet, torch_io
 
 __all__ = [
@@ -76,14 +77,6 @@ def _features(
         images = jax.image.resize(images, shape, method="linear", antialias=True)
     # P only supplies targets; it is never trained, so nothing should backpropagate into it.
     return jax.lax.stop_gradient(module.apply(variables, images))
-
-
-def default_cache_dir() -> str:
-    """``$USTAD_CACHE`` if set, else ``$XDG_CACHE_HOME/ustad``, else ``~/.cache/ustad``."""
-    if "USTAD_CACHE" in os.environ:
-        return os.environ["USTAD_CACHE"]
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "ustad")
 
 
 def _sha256(path: str) -> str:
