@@ -28,6 +28,9 @@ from ustad.data.images import as_size, resize_image, to_uint8
 TEXTURES = ("brick", "grass", "gravel", "immunohistochemistry", "hubble_deep_field")
 # Photos also work as sources (crops then vary more; a harder one-class problem).
 PHOTOS = ("astronaut", "camera", "chelsea", "coffee", "coins", "moon", "rocket", "retina")
+# Rendered objects on a plain background (`object_view`): the object's place, turn and light
+# vary a little from image to image, as parts on a conveyor do.
+OBJECTS = ("washer",)
 DEFECT_TYPES = ("scratch", "stain", "foreign", "hole")
 
 
@@ -88,6 +91,46 @@ def random_view(
     if rng.random() < 0.5:
         crop = crop[::-1]
     return resize_image(np.ascontiguousarray(crop), size)
+
+
+def object_view(size: tuple[int, int], rng: np.random.Generator, surface: np.ndarray) -> np.ndarray:
+    """A "washer" on a plain dark background: a copper-coloured ring, shaded by a radial
+    profile, its surface modulated by a texture, at a slightly random place and turn.
+
+    Args:
+        size: output `(height, width)`.
+        rng: numpy generator (each image its own, for determinism).
+        surface: `[H', W', C]` float32 texture whose random view (mean over channels) modulates
+            the ring's surface by ±15 %.
+
+    Returns:
+        `[height, width, 3]` float32 in [0, 1].
+    """
+    height, width = size
+    side = min(size)
+    rows, cols = np.mgrid[0:height, 0:width].astype(np.float32) + 0.5
+    centre = np.array([height, width], np.float32) / 2 + rng.uniform(-0.03, 0.03, 2) * side
+    turn = rng.uniform(0, 2 * np.pi)
+    dy, dx = rows - centre[0], cols - centre[1]
+    # A slightly elliptical ring (axes 0.34 / 0.31 of the side), turned as a whole.
+    u = dx * np.cos(turn) + dy * np.sin(turn)
+    v = -dx * np.sin(turn) + dy * np.cos(turn)
+    radius = np.sqrt((u / 0.34) ** 2 + (v / 0.31) ** 2) / side  # 1 on the outer edge
+    edge = 1.5 / side  # anti-aliasing width, in the same normalised radius
+    inner = 0.42
+    outside_hole = np.clip((radius - inner) / edge + 0.5, 0, 1)
+    coverage = np.clip((1 - radius) / edge + 0.5, 0, 1) * outside_hole
+    # Radial shading: a bevel bright in the middle of the ring, darker at both edges.
+    profile = 0.65 + 0.35 * np.cos(np.pi * (radius - (1 + inner) / 2) / (1 - inner))
+    texture = random_view(surface, size, rng, 0.5).mean(axis=-1)
+    modulation = 1 + 0.3 * (texture - texture.mean())
+    light = rng.uniform(0.95, 1.05)
+    copper = np.array([0.85, 0.55, 0.32], np.float32)
+    ring = np.clip((profile * modulation * light)[..., None] * copper, 0, 1)
+    background = np.float32(0.1 + rng.uniform(-0.01, 0.01))
+    noise = rng.normal(0.0, 0.008, size=(height, width, 1)).astype(np.float32)
+    image = coverage[..., None] * ring + (1 - coverage[..., None]) * (background + noise)
+    return np.clip(image, 0, 1).astype(np.float32)
 
 
 def _contrasting_value(image: np.ndarray, region: np.ndarray, rng: np.random.Generator):
@@ -193,6 +236,7 @@ def add_defect(
     rng: np.random.Generator,
     *,
     foreign_view: Callable[[], np.ndarray] | None = None,
+    within: np.ndarray | None = None,
     max_tries: int = 10,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Adds one procedural defect to an 8-bit image.
@@ -204,7 +248,9 @@ def add_defect(
         rng: numpy generator.
         foreign_view: returns a `[H, W, C']` float32 view of another texture; needed for
             "foreign".
-        max_tries: redraws if a defect happens to change no pixel.
+        within: optional `[H, W]` bool: the defect changes only these pixels (an object's, not
+            its background's), and is redrawn unless it changes at least 16 of them.
+        max_tries: redraws if a defect happens to change no pixel (too few, with `within`).
 
     Returns:
         `(defective, mask)`: `[H, W, C]` uint8 and `[H, W]` bool, with
@@ -213,12 +259,15 @@ def add_defect(
     if kind == "foreign" and foreign_view is None:
         raise ValueError("The 'foreign' defect needs foreign_view")
     base = image.astype(np.float32) / 255.0
+    least = 1 if within is None else 16
     for _ in range(max_tries):
         defective = to_uint8(_apply(kind, base, rng, foreign_view))
+        if within is not None:
+            defective = np.where(within[..., None], defective, image)
         mask = (defective != image).any(axis=-1)
-        if mask.any():
+        if mask.sum() >= least:
             return defective, mask
-    raise RuntimeError(f"Defect {kind!r} changed no pixel in {max_tries} tries")
+    raise RuntimeError(f"Defect {kind!r} changed fewer than {least} pixels in {max_tries} tries")
 
 
 def _save(path: Path, array: np.ndarray) -> None:
@@ -257,7 +306,9 @@ def make_synthetic_category(
     Args:
         root: parent folder.
         category: category folder name.
-        texture: one of `TEXTURES` or `PHOTOS` (scikit-image bundled images).
+        texture: one of `TEXTURES` or `PHOTOS` (scikit-image bundled images: random crops),
+            or of `OBJECTS` (a rendered object on a plain background, `object_view`, whose
+            surface is modulated by "gravel"; `crop_fraction` is then unused).
         foreign_texture: source of "foreign" cut-outs; default "gravel" (or "brick" when
             `texture` is "gravel").
         image_size: int or `(height, width)`.
@@ -280,9 +331,22 @@ def make_synthetic_category(
         raise ValueError("Need num_train >= 1, test counts >= 0 and seed >= 0")
     if not 0.0 < crop_fraction <= 1.0:
         raise ValueError(f"crop_fraction must be in (0, 1], got {crop_fraction}")
+    if texture not in TEXTURES + PHOTOS + OBJECTS:
+        raise ValueError(f"Unknown texture {texture!r}; choose from {TEXTURES + PHOTOS + OBJECTS}")
     if foreign_texture is None:
         foreign_texture = "brick" if texture == "gravel" else "gravel"
-    source, foreign = _source(texture), _source(foreign_texture)
+    foreign = _source(foreign_texture)
+    if texture in OBJECTS:
+        surface = _source("gravel")
+
+        def view(rng: np.random.Generator) -> np.ndarray:
+            return object_view(size, rng, surface)
+    else:
+        source = _source(texture)
+
+        def view(rng: np.random.Generator) -> np.ndarray:
+            return random_view(source, size, rng, crop_fraction)
+
     root = Path(root)
     target = root / category
     if target.exists() and not overwrite:
@@ -291,7 +355,7 @@ def make_synthetic_category(
 
     def good_image(split: int, index: int) -> np.ndarray:
         rng = np.random.default_rng([seed, split, 0, index])
-        return to_uint8(random_view(source, size, rng, crop_fraction))
+        return to_uint8(view(rng))
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{category}.tmp-", dir=root))
     try:
@@ -308,12 +372,14 @@ def make_synthetic_category(
             (tmp / "ground_truth" / kind).mkdir(parents=True)
             for i in range(num_test_per_defect):
                 rng = np.random.default_rng([seed, 2, d + 1, i])
-                clean = to_uint8(random_view(source, size, rng, crop_fraction))
+                clean = to_uint8(view(rng))
                 defective, mask = add_defect(
                     clean,
                     kind,
                     rng,
                     foreign_view=lambda rng=rng: random_view(foreign, size, rng, crop_fraction),
+                    # Objects: defects on the object (a hole in the background is no defect).
+                    within=clean.mean(axis=-1) > 0.2 * 255 if texture in OBJECTS else None,
                 )
                 _save(tmp / "test" / kind / f"{i:03d}.png", defective)
                 mask_png = mask.astype(np.uint8) * 255
