@@ -30,10 +30,13 @@ GROUND_FLOOR = {
     "io",
     "knn",
     "metric_writer",
+    "program_cache",
     "score_files",
+    "selection",
     "workdir_lock",
     "sharding",
     "stats",
+    "tiling",
     "training",
     "xla_flags",
 }
