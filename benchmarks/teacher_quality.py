@@ -6,17 +6,27 @@ figures, settings and seconds:
 
 * ``descriptor``: nearest-neighbour distance of each test descriptor to a memory bank of the
   category's training descriptors; AU-PRO@0.3, pixel and image AUROC, raw and smoothed (σ = 4).
+* ``grid``: the same on a stride-8 grid (``--grid_stride``), every training grid descriptor in
+  the bank, the map resized bilinearly: seconds per teacher, the filter for many teachers or
+  for the snapshots of a run.
 * ``student``: a short fixed student run (M students, fixed epochs, batch, learning rate: the
-  same for every teacher compared) scored as the method scores, same figures.
+  same for every teacher compared) scored as the method scores, same figures. With
+  ``--student_preset=cpu``: the ``cpu`` preset's schedule for the teacher's p instead (batch 2,
+  Adam 3e-3, 940 updates at p = 17, 1,128 at p = 33; ~15 min per scale on 2 cores): the
+  verdict, since a 2-epoch probe measures early learning, not the preset's plateau.
 * ``distill``: distillation R² (1 − unexplained, with the run's decoder D and with a linear
   read-out fitted on other photos) and mean |off-diagonal correlation| of the descriptor
   dimensions, on held-out photos; P sees exactly the R×R window T̂ sees. Per teacher, repeated
   in each of its rows.
 
 Teachers: workdirs, ``.teacher.npz`` files, installed names, or ``random:<p>:<widths>:<d>`` (a
-random init of that architecture, the control row). Datasets: an MVTec-AD-layout category
-(``--mvtec_dir``, ``--category``) and synthetic categories (``--synthetic`` textures, written
-once under ``--synthetic_dir``), all at ``--image_size``::
+random init of that architecture, the control row); ``--snapshots_of=<workdir>`` adds every
+snapshot of a teacher run (``--config.snapshot_every_steps``) and its newest checkpoint, each
+row with the training metrics logged at its step: the curve of the probes against steps.
+Datasets: an MVTec-AD-layout category (``--mvtec_dir``, ``--category``), more of them
+(``--categories=<root>:<category>,…``, e.g. ``../shared/data/ball_screw:ball_screw``) and
+synthetic categories (``--synthetic`` textures, written once under ``--synthetic_dir``), all at
+``--image_size`` (squashed to a square)::
 
     python -m benchmarks.teacher_quality --teachers runs/t_a,random:33:0.125:32 \\
         --mvtec_dir ../shared/data/mvtec_ad --category bottle --synthetic gravel \\
@@ -46,11 +56,14 @@ from ustad.uninformed_students import probes
 from ustad.uninformed_students.teacher import distillation
 
 FLAGS = flags.FLAGS
+PROBES = ("descriptor", "grid", "student", "distill")
 flags.DEFINE_list("teachers", None, "workdirs, .teacher.npz files, names or random:<p>:<w>:<d>")
 flags.DEFINE_list("workdirs", None, "old name of --teachers (teacher workdirs)")
-flags.DEFINE_list("probes", ["descriptor", "student", "distill"], "probes to run")
+flags.DEFINE_list("snapshots_of", [], "teacher workdirs whose snapshots (and end) to probe")
+flags.DEFINE_list("probes", ["descriptor", "student", "distill"], f"probes to run: {PROBES}")
 flags.DEFINE_string("mvtec_dir", None, "folder holding MVTec-AD-layout categories")
 flags.DEFINE_string("category", "bottle", "category under --mvtec_dir")
+flags.DEFINE_list("categories", [], "more MVTec-layout categories as <root>:<category>")
 flags.DEFINE_list("synthetic", ["gravel"], "synthetic categories: textures of ustad.data")
 flags.DEFINE_string("synthetic_dir", "/tmp/ustad_probe_data", "where synthetic data is written")
 flags.DEFINE_integer("synthetic_train", 200, "synthetic train/good images")
@@ -61,11 +74,15 @@ flags.DEFINE_integer("seed", 0, "bank subset, random-teacher init and students s
 # Descriptor probe.
 flags.DEFINE_integer("bank_size", 25_000, "memory-bank descriptors")
 flags.DEFINE_float("sigma", 4.0, "Gaussian smoothing of the maps (pixels)")
+flags.DEFINE_integer("grid_stride", 8, "grid probe: pixels between grid descriptors")
 # Student probe: the fixed schedule.
 flags.DEFINE_integer("students", 3, "M")
 flags.DEFINE_integer("student_epochs", 2, "epochs of the student probe")
 flags.DEFINE_integer("student_batch", 2, "images per student step")
 flags.DEFINE_float("student_lr", 1e-3, "student learning rate (paper: 1e-4 for 100 epochs)")
+flags.DEFINE_enum(
+    "student_preset", "", ["", "cpu"], "cpu: the cpu preset's schedule for the teacher's p"
+)
 flags.DEFINE_string("student_workdir", None, "keep the students under <this>/<teacher>/<data>")
 # Distillation probe.
 flags.DEFINE_string("photos_dir", None, "photo folder (its held-out split); default bundled")
@@ -76,19 +93,33 @@ flags.DEFINE_integer("backbone_input_size", 0, "P's input side when the teacher 
 flags.DEFINE_string("out", None, "also append the lines to this .jsonl file")
 
 
+_LOADED = {}
+
+
 def _datasets(channels: int):
-    """``(name, MVTecCategory, settings)`` of every requested dataset."""
+    """``(name, MVTecCategory, settings)`` of every requested dataset (loaded once per
+    channel count, then kept for the next teachers)."""
+    if channels not in _LOADED:
+        _LOADED[channels] = list(_load_datasets(channels))
+    return _LOADED[channels]
+
+
+def _load_datasets(channels: int):
     from ustad.data.mvtec import load_mvtec_category
     from ustad.data.synthetic import make_synthetic_category
     from ustad.uninformed_students.teacher import sources
 
     grayscale = channels == 1
     size = FLAGS.image_size
-    if FLAGS.mvtec_dir:
-        data = load_mvtec_category(
-            FLAGS.mvtec_dir, FLAGS.category, image_size=size, grayscale=grayscale
-        )
-        yield f"{FLAGS.category}@{size}", data, {"root": FLAGS.mvtec_dir}
+    named = [(FLAGS.mvtec_dir, FLAGS.category)] if FLAGS.mvtec_dir else []
+    for entry in FLAGS.categories:
+        root, _, category = entry.rpartition(":")
+        if not root or not category:
+            raise app.UsageError(f"--categories entry {entry!r} is not <root>:<category>")
+        named.append((root, category))
+    for root, category in named:
+        data = load_mvtec_category(root, category, image_size=size, grayscale=grayscale)
+        yield f"{category}@{size}", data, {"root": root}
     for texture in FLAGS.synthetic:
         arguments = {
             "texture": texture,
@@ -110,9 +141,18 @@ def _datasets(channels: int):
         yield f"synthetic:{texture}@{size}", data, info
 
 
-def _students_config(image_size: int):
+def _students_config(image_size: int, patch_size: int):
     from configs.students import get_config
 
+    if FLAGS.student_preset:
+        # The preset's own schedule (its batch, learning rate and updates for this p), M = 3.
+        config = get_config(FLAGS.student_preset)
+        config.patch_sizes = (patch_size,)
+        config.image_size = image_size
+        config.seed = FLAGS.seed
+        config.num_devices = 1
+        config.log_every_steps = 10**9
+        return config
     config = get_config("p33")
     config.num_students = FLAGS.students
     config.epochs = FLAGS.student_epochs
@@ -134,14 +174,45 @@ def _photos():
     return sources.natural_photos(), "bundled natural photos (fresh crops)"
 
 
+def _snapshots(workdir: str):
+    """``(spec, step, metrics logged at that step or None)`` of a teacher run's snapshots and
+    of its newest checkpoint (the workdir itself), by step."""
+    root = Path(workdir)
+    logged = {}
+    metrics_file = root / "metrics.jsonl"
+    if metrics_file.exists():
+        for line in metrics_file.read_text().splitlines():
+            if line.strip():
+                record = json.loads(line)
+                logged[int(record["step"])] = record
+    found = [
+        (str(path), int(path.name.split(".")[0].removeprefix("step_")))
+        for path in sorted((root / "snapshots").glob("step_*.teacher.npz"))
+    ]
+    if not found and not (root / "checkpoints").is_dir():
+        raise app.UsageError(f"--snapshots_of={workdir}: no snapshots/ and no checkpoints/")
+    if (root / "checkpoints").is_dir():
+        from ustad.uninformed_students.teacher.catalog import load_teacher
+
+        last = int(load_teacher(root, allow_unfinished=True)[2]["step"])
+        if last not in {step for _, step in found}:
+            found.append((str(root), last))
+    return [(spec, step, logged.get(step)) for spec, step in sorted(found, key=lambda x: x[1])]
+
+
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
     std_logging.getLogger("ustad").setLevel(std_logging.WARNING)
-    specs = FLAGS.teachers or FLAGS.workdirs
+    specs = list(FLAGS.teachers or FLAGS.workdirs or [])
+    training = {}
+    for workdir in FLAGS.snapshots_of:
+        for spec, step, metrics in _snapshots(workdir):
+            specs.append(spec)
+            training[spec] = {"workdir": workdir, "step": step, "metrics": metrics}
     if not specs:
-        raise app.UsageError("--teachers is required")
-    unknown = set(FLAGS.probes) - {"descriptor", "student", "distill"}
+        raise app.UsageError("--teachers or --snapshots_of is required")
+    unknown = set(FLAGS.probes) - set(PROBES)
     if unknown:
         raise app.UsageError(f"unknown probes {sorted(unknown)}")
     device = device_name()
@@ -174,6 +245,7 @@ def main(argv):
                 "benchmark": "teacher_quality",
                 "device": device,
                 "teacher": description,
+                **({"training": training[spec]} if spec in training else {}),
                 "dataset": dataset,
                 "dataset_settings": data_settings,
                 "train_images": len(data.train_images),
@@ -191,6 +263,16 @@ def main(argv):
                     sigma=FLAGS.sigma,
                     seed=FLAGS.seed,
                 )
+            if "grid" in FLAGS.probes:
+                record["grid"] = probes.grid_descriptor_probe(
+                    teacher,
+                    data.train_images,
+                    data.test_images,
+                    data.test_masks,
+                    data.test_labels,
+                    stride=FLAGS.grid_stride,
+                    sigma=FLAGS.sigma,
+                )
             if "student" in FLAGS.probes:
                 workdir = None
                 if FLAGS.student_workdir:
@@ -198,7 +280,7 @@ def main(argv):
                     workdir = Path(FLAGS.student_workdir) / safe / dataset.replace(":", "_")
                 record["student"] = probes.student_probe(
                     teacher,
-                    _students_config(FLAGS.image_size),
+                    _students_config(FLAGS.image_size, teacher.module.patch_size),
                     data.train_images,
                     data.test_images,
                     data.test_masks,

@@ -35,6 +35,19 @@ def get_config(arg: str = "p65") -> ml_collections.ConfigDict:
       ``--config.source=folder --config.source_path=../shared/data/photos``.
     * ``p17_small``, ``p33_small``, ``p65_small``: the small family (⅛ widths, d = 32), for
       students that train in minutes on a CPU.
+    * ``<any of the above>_live`` (issue 23): the live target. P's pooled head is mostly dead at
+      T̂'s native window (1,160 of 1,280 dimensions exactly 0 at 17 px, 494 at 32 px on 512
+      photo crops: ``benchmarks/teacher_targets.py``); these distil P's stage-3 and stage-4
+      maps, each averaged over the window, standardised per dimension with statistics of
+      1,024 fixed photo crops stored in the teacher (``--config.target_stages=3,4
+      --config.target_standardize=True``), refuse a target with dead dimensions
+      (``--config.target_check=refuse``), start D by least squares
+      (``--config.init_decoder=lstsq``, not a zero kernel), train at Adam 1e-3 for 6,000
+      steps and keep a snapshot every 1,000. Command: ``ustad train-teacher --config
+      configs/teacher.py:p17_small_live --workdir runs/p17_small_live
+      --config.source=folder --config.source_path=../shared/data/photos``. Every run logs
+      each loss term's gradient norm w.r.t. T̂ (``grad_norm_*``, ``grad_ratio_c_k``).
+      ``--config.backbone_input_scale=2`` shows P the window resized to twice its side.
     * ``smoke``: p=17 with 1/16 widths, 20 steps of 8 patches, all three losses: ``ustad
       train-teacher --config configs/teacher.py:smoke --workdir /tmp/ustad_teacher``
       runs end to end in well under a minute on CPU (EfficientNet-Lite0 from its pip package).

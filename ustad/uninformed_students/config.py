@@ -15,6 +15,7 @@ PATCH_SIZES = {"p17": (17,), "p33": (33,), "p65": (65,), "multiscale": (17, 33, 
 # 10 and 12 epochs it was measured with on bottle (188 training images in pairs: 94 updates an
 # epoch), now a count that holds for a category of any size.
 CPU_UPDATES = {"p17": 940, "p33": 1128}
+PAPER_UPDATES = 18_800  # 100 epochs of bottle's 188 training images at batch 1
 
 
 def students_base_config() -> ml_collections.ConfigDict:
@@ -24,9 +25,14 @@ def students_base_config() -> ml_collections.ConfigDict:
     config.data_dir = "data/mvtec_ad"
     config.category = "bottle"
     # An int (square) or "(H, W)"; keep_aspect: the short side to image_size, the long side
-    # by the same factor, both rounded to the pooling stride (non-square inspection images).
+    # by the same factor, both rounded to the pooling stride (non-square inspection images);
+    # "auto": that when the training images are not square (ustad.data.mvtec.
+    # resolve_keep_aspect), else image_size as it is.
     config.image_size = ml_collections.FieldReference(256, field_type=object)
-    config.keep_aspect = False
+    config.keep_aspect = ml_collections.FieldReference("auto", field_type=object)
+    # True: train on exact-context image_size² crops of the native-size images (keep_aspect
+    # unused) and normalise and calibrate on their tiles; score with `ustad score --tile`.
+    config.train_tiles = False
     config.grayscale = False
     config.val_fraction = 0.1  # paper: "a validation set"; its size is unstated
     # ... but at least this many images (at most a quarter): 10 % of a 54-image category is 5
@@ -48,6 +54,18 @@ def students_base_config() -> ml_collections.ConfigDict:
     # > 0: train at least this many updates (whole epochs) instead of ``epochs``;
     # ``scale_train_steps`` ({"p17": n, ...}) sets it per scale.
     config.train_steps = 0
+    # A floor of updates whatever the category's size (whole epochs reaching it); 0: none.
+    config.min_train_steps = 0
+    config.max_minutes = 0.0  # > 0: stop training after this many minutes (ustad.training.Budget)
+    # Validation (the students' loss on the held-out images, every eval_every_epochs epochs and
+    # at the end): "best_val" keeps each student's variables of lowest validation loss, "last"
+    # the last ones.
+    config.select = "best_val"
+    config.eval_every_epochs = 1
+    # The score statistics on the held-out images (ustad.ensemble.score_statistics): "quantile"
+    # (median and (q90 - q50) / 1.2816: a heavy tail of a few pixels cannot inflate them) or
+    # "moments" (the paper's mean and σ).
+    config.score_normalization = "quantile"
     config.batch_size = 1
     config.learning_rate = 1e-4
     config.weight_decay = 1e-5
@@ -94,6 +112,10 @@ def students_config(arg: str = "p65") -> ml_collections.ConfigDict:
       ValueError: for an unknown name.
     """
     config = students_base_config()
+    if arg in PATCH_SIZES or (arg.endswith("_small") and arg[: -len("_small")] in PATCH_SIZES):
+        # The paper's 100 epochs as a floor of updates: bottle's 188 training images at batch
+        # 1 are 18,800 updates, which a 40-image category (32 trained) then gets too.
+        config.min_train_steps = PAPER_UPDATES
     if arg in PATCH_SIZES:
         config.patch_sizes = PATCH_SIZES[arg]
         return config
@@ -111,6 +133,9 @@ def students_config(arg: str = "p65") -> ml_collections.ConfigDict:
         config.batch_size = 2
         config.learning_rate = 3e-3
         config.scale_train_steps = dict(CPU_UPDATES)
+        # A scale without its own count (e.g. --config.patch_sizes='(17, 33, 65)') would count
+        # epochs: it still gets at least the fewest updates of the preset's scales.
+        config.min_train_steps = min(CPU_UPDATES.values())
         return config
     if arg.endswith("_small") and arg[: -len("_small")] in PATCH_SIZES:
         # The shipped small teachers (⅛ widths, d = 32); students share their architecture.
@@ -141,6 +166,7 @@ def students_config(arg: str = "p65") -> ml_collections.ConfigDict:
 # Teachers.
 SMALL_WIDTHS = 0.125
 SMALL_OUT_DIM = 32
+LIVE_SUFFIX = "_live"
 
 
 def teacher_base_config() -> ml_collections.ConfigDict:
@@ -163,6 +189,20 @@ def teacher_base_config() -> ml_collections.ConfigDict:
     # of the cost (224² made P 10-30x more expensive than T̂'s step); see the module docstring of
     # benchmarks/teacher_step.py for the numbers.
     config.backbone_input_size = 0
+    # Or P's input as a factor of T̂'s window R: 0 = not used (native, or backbone_input_size);
+    # e.g. 2.0 shows P the window resized to 2R×2R (at most one of the two is set).
+    config.backbone_input_scale = 0.0
+    # The distillation target (issue 23). () = the paper's: P's globally pooled head. At T̂'s
+    # native 17 / 32 px window, EfficientNet-Lite0's head is mostly dead (1,161 of 1,280
+    # dimensions exactly 0 at 17 px); (3, 4) = its stage-3 and stage-4 maps, each averaged over
+    # the window, concatenated (40 + 80 = 120 dimensions, live at native size).
+    # target_standardize: each dimension less its mean, over its std, both measured once on
+    # target_sample_crops fixed crops and stored with the teacher. target_check: "refuse" (a
+    # DeadTargetError) or "warn" when the target has dead or near-constant dimensions.
+    config.target_stages = ()
+    config.target_standardize = False
+    config.target_sample_crops = 1024
+    config.target_check = "warn"
 
     # Patches: "natural" (photos bundled with scikit-image/scikit-learn), "folder" (source_path:
     # a folder tree of photos, e.g. ../shared/data/photos or ImageNet's train/, less a fixed 5 %
@@ -199,8 +239,13 @@ def teacher_base_config() -> ml_collections.ConfigDict:
     config.margin = 1.0
     config.compactness_mode = "squared"
     # D's initialisation (not in the paper): "mean" = zero kernel and bias = P's mean feature
-    # over 256 patches, so L_k starts at the variance of P's features; "default" = Flax's.
+    # over 256 patches, so L_k starts at the variance of P's features (but no distillation
+    # gradient reaches T̂ through a zero kernel at first); "lstsq" = the least-squares read-out
+    # of the targets from the initial T̂ on those patches; "random" (or "default") = Flax's.
     config.init_decoder = "mean"
+    # Log each weighted loss term's gradient norm (w.r.t. T̂) on the logged steps, and their
+    # ratio grad_ratio_c_k (compactness / distillation): one extra backward pass per term there.
+    config.log_grad_norms = True
     # Continue a teacher file or name (T̂, D and its step count; Adam restarts), e.g. to train a
     # shipped teacher further: --config.init_from=p33 --config.num_steps=40000.
     config.init_from = ""
@@ -226,7 +271,8 @@ def teacher_base_config() -> ml_collections.ConfigDict:
 
 def teacher_config(arg: str = "p65") -> ml_collections.ConfigDict:
     """The teachers' configs by name: ``p17``, ``p33``, ``p65``, ``p17_small``, ``p33_small``,
-    ``p65_small`` (⅛ widths, d = 32) and ``smoke``.
+    ``p65_small`` (⅛ widths, d = 32) and ``smoke``; each also with ``_live`` (the live target
+    of issue 23: standardised stage-3+4 features, D by least squares, lr 1e-3, 6,000 steps).
 
     ``configs/teacher.py`` says each one's command, runtime and result.
 
@@ -234,6 +280,22 @@ def teacher_config(arg: str = "p65") -> ml_collections.ConfigDict:
       ValueError: for an unknown name.
     """
     config = teacher_base_config()
+    name = arg
+    if arg in ("p17", "p33", "p65"):
+        config.patch_size = int(arg[1:])
+        return config
+    live = arg.endswith(LIVE_SUFFIX)
+    if live:
+        arg = arg[: -len(LIVE_SUFFIX)]
+        # The live target of issue 23: standardised stage-3+4 features of P's native window,
+        # refused if any dimension is dead, D by least squares, Adam 1e-3, 6,000 steps.
+        config.target_stages = (3, 4)
+        config.target_standardize = True
+        config.target_check = "refuse"
+        config.init_decoder = "lstsq"
+        config.learning_rate = 1e-3
+        config.num_steps = 6000
+        config.snapshot_every_steps = 1000
     if arg in ("p17", "p33", "p65"):
         config.patch_size = int(arg[1:])
         return config
@@ -255,17 +317,26 @@ def teacher_config(arg: str = "p65") -> ml_collections.ConfigDict:
         config.loader_workers = 2
         return config
     raise ValueError(
-        f"unknown config {arg!r}; choose p17, p33, p65, p17_small, p33_small, p65_small or smoke"
+        f"unknown config {name!r}; choose p17, p33, p65, p17_small, p33_small, p65_small or smoke"
+        f" (each also with {LIVE_SUFFIX})"
     )
 
 
 # Validation: bad settings and a workdir that holds another run are refused before the trainer
 # loads data or compiles anything (each of these once surfaced only after 17–37 s of set-up).
-_POSITIVE_INTS = ("epochs", "num_students", "batch_size", "stats_batch_size", "eval_batch_size")
+_POSITIVE_INTS = (
+    "epochs", "num_students", "batch_size", "stats_batch_size", "eval_batch_size",
+    "eval_every_epochs",
+)  # fmt: skip
 _NON_NEGATIVE_INTS = (
     "warmup_steps", "crop_size", "checkpoint_every_steps", "train_steps", "val_min_images",
+    "min_train_steps",
 )  # fmt: skip
 _CHOICES = {
+    "select": ("best_val", "last"),
+    "score_normalization": ("quantile", "moments"),
+    "keep_aspect": (False, True, "auto"),
+    "train_tiles": (False, True),
     "lr_schedule": ("constant", "cosine"),
     "compute_dtype": ("float32", "bfloat16"),
     "member_strategy": ("auto", "vmap", "sequential"),
@@ -287,7 +358,8 @@ def validate(config: ml_collections.ConfigDict, workdir: str | None = None) -> N
       ValueError: a bad setting, or a workdir holding a run that differs.
       FileNotFoundError: no teacher of the name in ``teacher_workdir``.
     """
-    from ustad.training import check_settings
+    from ustad.training_budget import check_max_minutes
+    from ustad.training_checks import check_settings
 
     check_settings(
         config,
@@ -295,6 +367,7 @@ def validate(config: ml_collections.ConfigDict, workdir: str | None = None) -> N
         non_negative_ints=_NON_NEGATIVE_INTS,
         choices=_CHOICES,
     )
+    check_max_minutes(config)
     for field in ("scale_epochs", "scale_train_steps"):
         for p_name, count in (config.get(field) or {}).items():
             if isinstance(count, bool) or not isinstance(count, int) or count < 1:

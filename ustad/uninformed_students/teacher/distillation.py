@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ustad.uninformed_students.teacher import targets as targets_lib
 from ustad.uninformed_students.teacher.patches import ContextSampler, to_gray
 from ustad.uninformed_students.teacher.steps import backbone_inputs
 
@@ -30,9 +31,14 @@ def photo_patches(photos, size: int, count: int, seed: int) -> np.ndarray:
 
 
 def backbone_targets(
-    backbone, crops: np.ndarray, window: int, channels: int, input_size: int | None
+    backbone,
+    crops: np.ndarray,
+    window: int,
+    channels: int,
+    input_size: int | None,
+    target: dict | None = None,
 ) -> np.ndarray:
-    """P's features of the part of each crop that T̂ sees.
+    """P's features of the part of each crop that T̂ sees: the teacher's target.
 
     Args:
       backbone: a :class:`ustad.models.pretrained.Backbone`.
@@ -41,17 +47,20 @@ def backbone_targets(
         the pixels that reach T̂'s output (32 of 33, 60 of 65).
       channels: T̂'s input channels (1: P sees the gray image repeated to RGB).
       input_size: P's input side (crops resized), None = native.
+      target: the teacher's ``target`` metadata (stages, standardisation statistics); None:
+        P's pooled head, the paper's target.
 
     Returns:
       ``[N, F]`` float32.
     """
-    features = jax.jit(
-        lambda v, x: backbone.features_fn(v, backbone_inputs(x, channels, input_size))
-    )
+    spec = targets_lib.TargetSpec.from_record(target)
+    target_fn = targets_lib.target_fn(backbone, spec)
+    variables = targets_lib.target_variables(backbone.variables, spec, target or {})
+    features = jax.jit(lambda v, x: target_fn(v, backbone_inputs(x, channels, input_size)))
     window_crops = np.asarray(crops)[:, :window, :window]
     return np.concatenate(
         [
-            np.asarray(features(backbone.variables, jnp.asarray(window_crops[i : i + 64])))
+            np.asarray(features(variables, jnp.asarray(window_crops[i : i + 64])))
             for i in range(0, len(window_crops), 64)
         ]
     )
@@ -161,7 +170,8 @@ def distill_probe(
                 for i in range(0, len(inputs), 256)
             ]
         )
-        targets = backbone_targets(backbone, crops, module.receptive_field, channels, size)
+        target = getattr(teacher, "target", None)
+        targets = backbone_targets(backbone, crops, module.receptive_field, channels, size, target)
         sets.append((descriptors, targets))
     (fit_x, fit_y), (eval_x, eval_y) = sets
     figures = distillation_figures(
@@ -175,6 +185,7 @@ def distill_probe(
             "seed": seed,
             "p_window": module.receptive_field,
             "backbone_input_size": size,
+            "target": targets_lib.TargetSpec.from_record(target).name,
         },
         "seconds": {"total": round(time.perf_counter() - start, 2)},
     }

@@ -68,6 +68,7 @@ HEADER_FIELDS = (
     "step",
     "total_steps",
     "config",
+    "target",
 )
 
 

@@ -32,7 +32,7 @@ def ship_teacher(
 
     Returns:
       The manifest entry: ``name, file, sha256, bytes, patch_size, out_dim, widths, steps,
-      source, backbone, backbone_input`` and ``extra``.
+      source, backbone, backbone_input``, ``recipe`` (:func:`recipe`) and ``extra``.
     """
     if not name or os.sep in name or name.startswith("."):
         raise ValueError(f"a teacher name is a plain file stem, got {name!r}")
@@ -59,6 +59,7 @@ def ship_teacher(
         "backbone_input": header["backbone_input"],
         "compactness_mode": header["config"].get("compactness_mode"),
         "lambda_c": header["config"].get("lambda_c"),
+        "recipe": recipe(header),
     }
     entry.update(extra or {})
     entries = {e["name"]: e for e in catalog.read_manifest().values()}
@@ -69,6 +70,26 @@ def ship_teacher(
     }
     atomic_write(folder / catalog.MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
     return entry
+
+
+def recipe(header: dict) -> dict:
+    """How a teacher was trained, from its file header: the target (issue 23; teachers written
+    before target options distilled P's pooled head), P's input, D's initialisation and the
+    optimisation."""
+    config = header.get("config") or {}
+    target = header.get("target") or {}
+    return {
+        "target": target.get("name", "head"),
+        "target_dim": target.get("dim", header.get("feature_dim")),
+        "target_dead_dims": target.get("dead_dims"),
+        "backbone_input_size": header.get("backbone_input_size") or None,
+        "init_decoder": config.get("init_decoder", "mean"),
+        "learning_rate": config.get("learning_rate"),
+        "lambda_k": config.get("lambda_k"),
+        "lambda_m": config.get("lambda_m"),
+        "lambda_c": config.get("lambda_c"),
+        "steps": header.get("step"),
+    }
 
 
 def training_minutes(workdir: str | os.PathLike) -> float:
@@ -92,16 +113,16 @@ def probe_summary(lines: list[dict], source: str) -> dict:
       source: the teacher source whose lines count (a workdir or snapshot file).
 
     Returns:
-      ``{dataset: {"descriptor_probe": {au_pro, pixel_auroc, image_auroc}, "student_probe":
-      …, "r2_decoder", "mean_abs_offdiag_corr"}}`` from the σ = 4 smoothed figures, with the
-      probes a line holds.
+      ``{dataset: {"descriptor_probe": {au_pro, pixel_auroc, image_auroc}, "grid_probe": …,
+      "student_probe": …, "r2_decoder", "mean_abs_offdiag_corr"}}`` from the σ = 4 smoothed
+      figures, with the probes a line holds.
     """
     out = {}
     for line in lines:
         if line["teacher"]["source"] != source:
             continue
         entry = {}
-        for probe in ("descriptor", "student"):
+        for probe in ("descriptor", "grid", "student"):
             if probe in line:
                 figures = line[probe]["figures"]["smoothed_sigma4"]
                 entry[f"{probe}_probe"] = {

@@ -167,6 +167,7 @@ def make_train_step(
     zoom: float = 0.1,
     noise_std: float = 0.02,
     fast_apply: bool = True,
+    grad_norm_steps: tuple[int, int] = (0, 0),
 ):
     """The jitted teacher step.
 
@@ -186,6 +187,13 @@ def make_train_step(
       max_shift, zoom, noise_std: how positives are perturbed (:func:`patches.perturb`).
       fast_apply: run T̂ through :func:`train_apply` (same function, faster CPU gradients)
         instead of ``teacher.apply``.
+      grad_norm_steps: ``(every, total)``: after the steps whose count (from 1) is a multiple
+        of ``every`` or equals ``total``, the metrics also hold the norm of each weighted loss
+        term's gradient with respect to T̂'s parameters (``grad_norm_distillation``,
+        ``grad_norm_triplet``, ``grad_norm_compactness``; one extra backward pass per active
+        term on those steps only) and ``grad_ratio_c_k`` (compactness / distillation), so an
+        imbalance between the terms shows in the metrics lines; 0 elsewhere. ``every = 0``:
+        never (no such metrics).
 
     Returns:
       ``step(state, backbone_variables, contexts, key, step) -> (state, metrics)``. ``state``
@@ -245,11 +253,42 @@ def make_train_step(
         }
         return loss, metrics
 
+    weights = {"distillation": weight_k, "triplet": weight_m, "compactness": weight_c}
+    active = tuple(name for name, weight in weights.items() if weight)
+
+    def term_grad_norms(params, backbone_variables, contexts, key):
+        """``{name: ||∇_T̂ (λ · term)||}`` for each active term (0 for the others)."""
+
+        def term(teacher_params, name):
+            full = dict(params, teacher=teacher_params)
+            return weights[name] * loss_fn(full, backbone_variables, contexts, key)[1][name]
+
+        norms = {name: jnp.zeros((), jnp.float32) for name in weights}
+        for name in active:
+            grads = jax.grad(term)(params["teacher"], name)
+            norms[name] = optax.global_norm(grads).astype(jnp.float32)
+        return norms
+
+    def no_norms(params, backbone_variables, contexts, key):
+        return {name: jnp.zeros((), jnp.float32) for name in weights}
+
+    every, total = grad_norm_steps
+
     def step(state, backbone_variables, contexts, key, step_index):
         key = jax.random.fold_in(key, step_index)
         grads, metrics = jax.grad(loss_fn, has_aux=True)(
             state["params"], backbone_variables, contexts, key
         )
+        if every:
+            done = step_index + 1
+            due = jnp.logical_or(done % every == 0, done == total)
+            norms = jax.lax.cond(
+                due, term_grad_norms, no_norms, state["params"], backbone_variables, contexts, key
+            )
+            metrics = dict(metrics, **{f"grad_norm_{k}": v for k, v in norms.items()})
+            metrics["grad_ratio_c_k"] = norms["compactness"] / jnp.maximum(
+                norms["distillation"], 1e-30
+            )
         updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         return {"params": params, "opt_state": opt_state}, metrics
