@@ -4,7 +4,7 @@ masks, defect areas and 8-connected regions, mask PNGs, contours) against the sa
 
 One JSON line: the median seconds of both runs of :func:`ustad.score_files.score_files` on
 ``--images`` PNGs, of ``Detector.score`` against ``Detector.predict`` in memory (timed in turn),
-the decisions alone (:func:`ustad.calibration.decide`) and the ratios.
+the decisions alone (:func:`ustad.decisions.decide`) and the ratios.
 Random weights (the cost of the decisions does not depend on them); no data needed.
 
     python -m benchmarks.calibration_overhead --images=32 --size=256
@@ -23,8 +23,9 @@ import numpy as np
 from absl import app, flags
 
 from benchmarks.common import device_name, emit, time_fn
-from ustad.calibration import calibrate_detector, decide
+from ustad.calibration import calibrate_detector
 from ustad.data.images import to_uint8, write_png
+from ustad.decisions import decide
 from ustad.ensemble import ScoreNormalization
 from ustad.score_files import score_files
 from ustad.uninformed_students.checkpoints import ScaleModel

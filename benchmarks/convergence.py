@@ -89,7 +89,8 @@ def train_with_curve(config, data, *, eval_every, sigma, label, workdir, max_min
     curve's records (dicts) as they are measured."""
     from ustad.data.split import split_validation
     from ustad.uninformed_students.checkpoints import score_params as score_params
-    from ustad.uninformed_students.train import scale_epochs, train_students
+    from ustad.uninformed_students.schedule import scale_epochs
+    from ustad.uninformed_students.train import train_students
     from ustad.uninformed_students.training_curve import (
         scale_figures,
         state_figures,

@@ -45,7 +45,7 @@ PAPER_MEAN = {"p17": 0.866, "p33": 0.900, "p65": 0.857, "multiscale": 0.914}
 
 def describe_schedule(config) -> str:
     """One line naming what the run did (the table must say when it is not the paper's)."""
-    from ustad.uninformed_students.train import scale_epochs
+    from ustad.uninformed_students.schedule import scale_epochs
 
     teacher = config.teacher_workdir or f"trained here, {config.teacher.num_steps} steps"
     epochs = sorted({scale_epochs(config.students, p) for p in config.patch_sizes})

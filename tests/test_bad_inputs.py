@@ -21,7 +21,7 @@ from ustad.data.synthetic import make_synthetic_category
 from ustad.ensemble import ScoreNormalization, check_normalization
 from ustad.host_images import as_unit_float
 from ustad.io import atomic_write
-from ustad.score_files import overlay_size
+from ustad.overlays import overlay_size
 from ustad.uninformed_students.nets import patch_net
 from ustad.uninformed_students.score import Detector
 from ustad.uninformed_students.train import train_and_evaluate, train_students

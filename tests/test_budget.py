@@ -16,18 +16,16 @@ from ustad.selection import (
     keep_best_fn,
 )
 from ustad.training import (
-    Budget,
     Every,
     Hook,
     Log,
     Saves,
     check_member_losses,
-    finished,
     member_losses,
     resume,
     run_loop,
-    scheduled_steps,
 )
+from ustad.training_budget import Budget, finished, scheduled_steps
 from ustad.uninformed_students.budget import (
     StepTiming,
     epochs_that_fit,
@@ -179,9 +177,9 @@ def test_bad_max_minutes_are_refused_in_one_line(value):
 def test_no_preset_trains_fewer_than_its_floor_on_a_40_image_category():
     from ustad.data.split import split_validation
     from ustad.stfpm.config import stfpm_config
-    from ustad.stfpm.train import schedule
+    from ustad.stfpm.run import schedule
     from ustad.uninformed_students.config import students_config
-    from ustad.uninformed_students.train import scale_schedule
+    from ustad.uninformed_students.schedule import scale_schedule
 
     def trained(config):  # bottle with 40 images: what the hold-out leaves to train on
         train, _ = split_validation(40, config.val_fraction, config.seed, config.val_min_images)
@@ -458,7 +456,8 @@ def test_stfpm_trains_non_square_images_at_their_aspect_and_scores_at_theirs(tmp
     from ustad import load_detector
     from ustad.data.synthetic import make_synthetic_category
     from ustad.families import train
-    from ustad.stfpm.train import held_out_images, training_images
+    from ustad.stfpm.run import training_images
+    from ustad.stfpm.train import held_out_images
 
     make_synthetic_category(
         tmp_path / "data", "wide", image_size=(24, 36), num_train=20, num_test_good=1,

@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 
 from ustad import calibration as cal
+from ustad import calibration_files as cal_files
+from ustad import decisions
 from ustad.evaluation.operating_point import f1_max, image_operating_point, pixel_operating_point
 
 
@@ -114,31 +116,31 @@ def test_decide_counts_area_and_8_connected_regions():
     maps = np.zeros((2, 6, 6), np.float32)
     maps[0, 0, 0] = maps[0, 1, 1] = 1.0  # diagonal neighbours: one region
     maps[0, 4, 4] = 1.0
-    prediction = cal.decide(maps, maps.reshape(2, -1).max(axis=1), result)
+    prediction = decisions.decide(maps, maps.reshape(2, -1).max(axis=1), result)
     assert prediction.regions.tolist() == [2, 0] and prediction.defect_area.tolist() == [3, 0]
     assert prediction.is_anomalous.tolist() == [True, False]
-    assert cal.decide(maps, [1.0, 0.0], None).threshold is None
+    assert decisions.decide(maps, [1.0, 0.0], None).threshold is None
 
 
 def test_calibration_file_keeps_one_entry_per_models_and_settings(tmp_path):
     workdir = tmp_path / "run"
     settings = {"reduction": "max", "top_k": 100, "smooth_sigma": 0.0}
     first = cal.calibrate(*_good(30), max_fpr=0.1, settings=settings, models=["run"])
-    cal.write_calibration(workdir, first)
-    cal.write_calibration(workdir, first)
+    cal_files.write_calibration(workdir, first)
+    cal_files.write_calibration(workdir, first)
     other = cal.calibrate(*_good(30, seed=2), max_fpr=0.1, settings=settings | {"top_k": 5},
                           models=["run"])  # fmt: skip
-    cal.write_calibration(workdir, other)
-    entries = json.loads((workdir / cal.CALIBRATION_FILE).read_text())["entries"]
+    cal_files.write_calibration(workdir, other)
+    entries = json.loads((workdir / cal_files.CALIBRATION_FILE).read_text())["entries"]
     assert len(entries) == 2
-    found, why = cal.find_calibration([workdir], settings)
+    found, why = cal_files.find_calibration([workdir], settings)
     assert found.image_threshold == first.image_threshold and why == ""
     assert found.record() == first.record()
-    missing, why = cal.find_calibration([workdir], settings | {"reduction": "mean"})
+    missing, why = cal_files.find_calibration([workdir], settings | {"reduction": "mean"})
     assert missing is None and "holds no calibration" in why
-    (workdir / cal.CALIBRATION_FILE).write_text("{not json")
+    (workdir / cal_files.CALIBRATION_FILE).write_text("{not json")
     with pytest.raises(ValueError, match="unreadable calibration"):
-        cal.find_calibration([workdir], settings)
+        cal_files.find_calibration([workdir], settings)
 
 
 class _FakeDetector:
@@ -158,10 +160,10 @@ def test_calibrate_workdir_streams_batches_and_writes_the_file(tmp_path):
     rng = np.random.default_rng(0)
     batches = [rng.uniform(size=(4, 8, 8, 3)).astype(np.float32) for _ in range(3)]
     detector = _FakeDetector()
-    result = cal.calibrate_workdir(tmp_path / "run", detector, iter(batches), max_fpr=0.01)
+    result = cal_files.calibrate_workdir(tmp_path / "run", detector, iter(batches), max_fpr=0.01)
     assert detector.calls == [4, 4, 4] and result.count == 12
     assert result.requested_max_fpr == 0.01 and result.models == ("run",)
-    found, _ = cal.find_calibration([tmp_path / "run"], detector.settings)
+    found, _ = cal_files.find_calibration([tmp_path / "run"], detector.settings)
     assert found.image_threshold == result.image_threshold
 
 

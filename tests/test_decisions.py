@@ -12,6 +12,8 @@ from calibrated_setup import DATA, calibrated_students, run
 from PIL import Image
 
 from ustad import calibration as cal
+from ustad import calibration_files as cal_files
+from ustad import decisions
 
 
 @pytest.fixture(scope="module")
@@ -36,11 +38,11 @@ def test_calibrate_refuses_too_few_good_images_and_writes_nothing(setup, tmp_pat
         shutil.copy(path, few / path.name)
     assert run("calibrate", f"--workdirs={workdir}", f"--good={few}") == 1
     assert "2 good images cannot calibrate" in capsys.readouterr().err
-    assert not (workdir / cal.CALIBRATION_FILE).exists()
+    assert not (workdir / cal_files.CALIBRATION_FILE).exists()
 
 
 def test_calibration_record_says_what_it_used(setup):
-    record = json.loads((setup / "students" / cal.CALIBRATION_FILE).read_text())["entries"][0]
+    record = json.loads((setup / "students" / cal_files.CALIBRATION_FILE).read_text())["entries"][0]
     assert record["good_images"] == 40 and record["max_fpr"] == 0.05
     assert record["achieved_false_reject_rate"] <= 0.05
     assert set(record["image_score_distribution"]) >= {"count", "mean", "std", "quantiles"}
@@ -60,7 +62,7 @@ def test_score_decides_with_the_calibration(setup, family, tmp_path, capsys):
     rows = _rows(out)
     anomalous = sum(r["is_anomalous"] == "true" for r in rows)
     assert f"scored {len(rows)} images, {anomalous} anomalous (threshold" in capsys.readouterr().out
-    threshold = cal.find_calibration([workdir], json.loads((out / "scoring.json").read_text())
+    threshold = cal_files.find_calibration([workdir], json.loads((out / "scoring.json").read_text())
                                      ["calibration"]["settings"])[0].image_threshold  # fmt: skip
     from scipy import ndimage
 
@@ -162,11 +164,13 @@ def test_disk_full_is_one_line_and_scores_csv_lists_what_was_done(setup, tmp_pat
 def test_images_are_read_one_batch_at_a_time_and_extreme_resizes_warned(
     setup, tmp_path, monkeypatch, caplog
 ):
-    from ustad import score_files
+    from ustad import image_batches, score_files
 
     events = []
-    real_read = score_files.read_image
-    monkeypatch.setattr(score_files, "read_image", lambda p: events.append("read") or real_read(p))
+    real_read = image_batches.read_image
+    monkeypatch.setattr(
+        image_batches, "read_image", lambda p: events.append("read") or real_read(p)
+    )
     folder = tmp_path / "in"
     folder.mkdir()
     rng = np.random.default_rng(0)
@@ -181,7 +185,7 @@ def test_images_are_read_one_batch_at_a_time_and_extreme_resizes_warned(
     paths = sorted(folder.iterdir())
     score_files.score_files(detector, paths, tmp_path / "out", calibration=None, vmin=0, vmax=1)
     assert events.count("score") == 6
-    # Reading runs at most score_files.PREFETCH_BATCHES (2) batches ahead of scoring, so of 6
+    # Reading runs at most image_batches.PREFETCH_BATCHES (2) batches ahead of scoring, so of 6
     # batches the last is read after the first is scored: never all images at once.
     assert events.index("score") < len(events) - 1 - events[::-1].index("read")
     assert "resized by more than 8×" in caplog.text and "tiny.png" in caplog.text
@@ -217,10 +221,10 @@ def test_python_api_predict(setup):
     from ustad.data.images import read_image
 
     detector = families.load_detector(setup / "students")
-    calibration, _ = cal.find_calibration([setup / "students"], detector.settings)
+    calibration, _ = cal_files.find_calibration([setup / "students"], detector.settings)
     images = np.stack([read_image(p) for p in sorted((setup / "good").iterdir())[:3]])
     prediction = detector.predict(images, calibration)
-    assert isinstance(prediction, cal.Prediction)
+    assert isinstance(prediction, decisions.Prediction)
     assert prediction.threshold == calibration.image_threshold
     assert prediction.masks.shape == images.shape[:3]
     np.testing.assert_array_equal(prediction.is_anomalous, prediction.scores > prediction.threshold)

@@ -342,13 +342,14 @@ def calibrated(tmp_path_factory):
     import shutil
     from pathlib import Path
 
-    from ustad import calibration, families
+    from ustad import calibration_files, families
 
     root = tmp_path_factory.mktemp("calibrated")
     workdir = root / "run"
     shutil.copytree(Path(__file__).parent / "data" / "workdir_students_v1", workdir)
     good = np.random.default_rng(5).uniform(size=(20, SIZE, SIZE, 3)).astype(np.float32)
-    calibration.calibrate_workdir(workdir, families.load_detector(workdir), good, max_fpr=0.05)
+    detector = families.load_detector(workdir)
+    calibration_files.calibrate_workdir(workdir, detector, good, max_fpr=0.05)
     folder = root / "images"
     folder.mkdir()
     from PIL import Image
@@ -361,7 +362,7 @@ def calibrated(tmp_path_factory):
 
 @pytest.mark.parametrize("suffix", deploy.SUFFIXES)
 def test_export_stores_the_calibration_and_verify_passes(calibrated, tmp_path, suffix, capsys):
-    from ustad.calibration import find_calibration
+    from ustad.calibration_files import find_calibration
 
     workdir, folder = calibrated
     out = tmp_path / f"detector{suffix}"

@@ -9,7 +9,7 @@ import subprocess
 import pytest
 from calibrated_setup import DATA, calibrated_students, run
 
-from ustad import calibration as cal
+from ustad import calibration_files as cal_files
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,7 @@ def test_evaluate_reports_the_operating_point(report, capsys):
     root, out, category = report
     result = json.loads((out / "operating_point.json").read_text())
     calibrated, oracle = result["calibrated"], result["f1_max_oracle"]
-    threshold = cal.find_calibration([root / "students"], {"reduction": "max", "top_k": 100,
+    threshold = cal_files.find_calibration([root / "students"], {"reduction": "max", "top_k": 100,
                                      "smooth_sigma": 0.0})[0].image_threshold  # fmt: skip
     assert calibrated["threshold"] == threshold and calibrated["good_images"] == 30
     for key in ("false_reject_rate", "miss_rate", "precision", "recall", "f1", "pixel_f1",

@@ -23,13 +23,17 @@ METHODS = ("uninformed_students", "stfpm")
 TOP = {"cli": 3, "__main__": 3, "families": 2, "deploy": 2, **{m: 1 for m in METHODS}}
 GROUND_FLOOR = {
     "calibration",
+    "calibration_files",
     "checkpointing",
+    "decisions",
     "detector",
     "ensemble",
     "host_images",
+    "image_batches",
     "io",
     "knn",
     "metric_writer",
+    "overlays",
     "program_cache",
     "score_files",
     "selection",
@@ -38,6 +42,8 @@ GROUND_FLOOR = {
     "stats",
     "tiling",
     "training",
+    "training_budget",
+    "training_checks",
     "xla_flags",
 }
 FOLDERS = {"cli", "data", "deploy", "evaluation", "models", "teachers", *METHODS}

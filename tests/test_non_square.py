@@ -15,7 +15,7 @@ from ustad.cli.common import config_flag, rewrite_config_args
 from ustad.data.images import as_size, aspect_change, fit_size, write_png
 from ustad.data.mvtec import load_mvtec_category, load_mvtec_train
 from ustad.data.synthetic import make_synthetic_category
-from ustad.score_files import overlay_size
+from ustad.overlays import overlay_size
 from ustad.uninformed_students.inputs import check_image_size, size_multiple
 from ustad.uninformed_students.nets import patch_net
 from ustad.uninformed_students.score import Detector

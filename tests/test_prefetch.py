@@ -1,5 +1,5 @@
 """`ustad score`'s folder path reads the next batches in a background thread while one is scored
-(score_files.read_batches) and writes each batch's files in another while the next is scored:
+(image_batches.read_batches) and writes each batch's files in another while the next is scored:
 the same batches in the same order as reading in turn, the same files written, reading and
 writing overlapped with scoring, an unreadable file still named with nothing written, a failed
 write still reported with exactly the images written, and no thread left behind."""
@@ -10,6 +10,7 @@ import threading
 import numpy as np
 import pytest
 
+from ustad import image_batches as ib
 from ustad import score_files as sf
 from ustad.data.images import write_png
 
@@ -48,8 +49,8 @@ def _reader_threads():
 def test_read_batches_yields_what_reading_in_turn_does(tmp_path):
     paths = _images(tmp_path / "in", 7)
     chunks = [[0, 2, 4], [6], [1, 3], [5]]
-    ahead = list(sf.read_batches(paths, chunks, prefetch=2))
-    in_turn = list(sf.read_batches(paths, chunks, prefetch=0))
+    ahead = list(ib.read_batches(paths, chunks, prefetch=2))
+    in_turn = list(ib.read_batches(paths, chunks, prefetch=0))
     assert [c for c, _ in ahead] == chunks == [c for c, _ in in_turn]
     for (_, a), (_, b) in zip(ahead, in_turn, strict=True):
         assert a.dtype == np.float32 and a.shape[0] in (1, 2, 3)
@@ -60,7 +61,7 @@ def test_read_batches_yields_what_reading_in_turn_does(tmp_path):
 def test_reading_runs_ahead_while_the_caller_works(tmp_path, monkeypatch):
     paths = _images(tmp_path / "in", 4, sizes=((8, 8),))
     second_read = threading.Event()
-    real_read = sf.read_image
+    real_read = ib.read_image
 
     def read(path):
         image = real_read(path)
@@ -68,8 +69,8 @@ def test_reading_runs_ahead_while_the_caller_works(tmp_path, monkeypatch):
             second_read.set()
         return image
 
-    monkeypatch.setattr(sf, "read_image", read)
-    batches = sf.read_batches(paths, [[0], [1], [2], [3]], prefetch=1)
+    monkeypatch.setattr(ib, "read_image", read)
+    batches = ib.read_batches(paths, [[0], [1], [2], [3]], prefetch=1)
     next(batches)
     # While the caller holds batch 0 (scoring it), batch 1 is read in the background.
     assert second_read.wait(timeout=5), "the next batch was not read while the caller worked"
@@ -77,7 +78,7 @@ def test_reading_runs_ahead_while_the_caller_works(tmp_path, monkeypatch):
     assert not _reader_threads()
 
     second_read.clear()
-    in_turn = sf.read_batches(paths, [[0], [1], [2], [3]], prefetch=0)
+    in_turn = ib.read_batches(paths, [[0], [1], [2], [3]], prefetch=0)
     next(in_turn)
     assert not second_read.wait(timeout=0.2)  # prefetch=0: read only when asked for
     in_turn.close()
@@ -110,7 +111,7 @@ def test_score_files_writes_the_same_with_and_without_prefetch(tmp_path):
 def test_an_unreadable_file_is_named_at_its_turn_and_stops_the_reader(tmp_path):
     paths = _images(tmp_path / "in", 6, sizes=((8, 8),))
     paths[3].write_bytes(b"not a png")
-    batches = sf.read_batches(paths, [[0, 1], [2, 3], [4, 5]], prefetch=2)
+    batches = ib.read_batches(paths, [[0, 1], [2, 3], [4, 5]], prefetch=2)
     chunk, images = next(batches)
     assert chunk == [0, 1] and images.shape == (2, 8, 8, 3)
     with pytest.raises(ValueError, match="03.png"):
@@ -205,7 +206,7 @@ def test_a_failed_write_lists_exactly_the_images_written(tmp_path, monkeypatch, 
 @pytest.mark.parametrize("prefetch", [-1, 1.5, True])
 def test_a_bad_prefetch_or_write_behind_is_refused(tmp_path, prefetch):
     with pytest.raises(ValueError, match="prefetch"):
-        list(sf.read_batches([], [], prefetch=prefetch))
+        list(ib.read_batches([], [], prefetch=prefetch))
     paths = _images(tmp_path / "in", 1)
     with pytest.raises(ValueError, match="write_behind"):
         sf.score_files(MeanDetector(), paths, tmp_path / "out", write_behind=prefetch)

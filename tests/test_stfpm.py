@@ -473,7 +473,7 @@ def test_a_too_high_learning_rate_fails_with_a_named_error(tmp_path):
 
 
 def test_train_steps_count_updates_whatever_the_category_size():
-    from ustad.stfpm.train import scheduled_epochs
+    from ustad.stfpm.run import scheduled_epochs
 
     config = _config(train_steps=100, epochs=3)
     assert scheduled_epochs(config, 5) == 20  # a 40-image category at batch 8: 100 updates

@@ -183,7 +183,7 @@ def test_crop_training_resumes_exactly_and_calls_the_hook(data, tmp_path, monkey
 
 
 def test_scale_epochs_override_config_epochs_per_scale():
-    from ustad.uninformed_students.train import scale_epochs
+    from ustad.uninformed_students.schedule import scale_epochs
 
     config = _config(epochs=4)
     assert scale_epochs(config, 17) == 4
@@ -199,7 +199,7 @@ def test_scale_epochs_override_config_epochs_per_scale():
 
 
 def test_train_steps_count_updates_per_scale():
-    from ustad.uninformed_students.train import scale_epochs, scale_updates
+    from ustad.uninformed_students.schedule import scale_epochs, scale_updates
 
     config = _config(epochs=4)
     config.train_steps = 100

@@ -18,7 +18,7 @@ from ustad.data.images import read_image, to_uint8, write_png
 from ustad.data.synthetic import make_synthetic_category
 from ustad.ensemble import member
 from ustad.metric_writer import read_metrics
-from ustad.score_files import overlay_size
+from ustad.overlays import overlay_size
 from ustad.uninformed_students.maps import teacher_targets
 from ustad.uninformed_students.nets import patch_net
 from ustad.uninformed_students.score import Detector

@@ -15,7 +15,14 @@ from ustad.models.pretrained import Backbone
 from ustad.uninformed_students import probes
 from ustad.uninformed_students.config import teacher_config
 from ustad.uninformed_students.nets import patch_net
-from ustad.uninformed_students.teacher import catalog, files, shipping, targets
+from ustad.uninformed_students.teacher import (
+    catalog,
+    decoder_init,
+    files,
+    run_setup,
+    shipping,
+    targets,
+)
 from ustad.uninformed_students.teacher import train as teacher
 from ustad.uninformed_students.teacher.steps import make_init, make_optimizer, make_train_step
 
@@ -106,7 +113,7 @@ def test_stage_target_is_standardised_with_statistics_stored_in_the_teacher_file
     spec = targets.TargetSpec.from_record(target)
     backbone = _backbone()
     key = jax.random.key(0, impl="rbg")
-    with teacher._sampler(config, _images(), jax.random.fold_in(key, 1)) as sampler:
+    with run_setup.sampler(config, _images(), jax.random.fold_in(key, 1)) as sampler:
         crops = sampler.sample(0, 64, key=jax.random.fold_in(key, 4))
     assert crops.shape == (64, 17, 17, 3)  # no triplets: no margin, the crop is the window
     raw = targets.raw_features(backbone, spec, crops)
@@ -144,9 +151,9 @@ def test_stage_target_is_standardised_with_statistics_stored_in_the_teacher_file
 
 
 def test_p_input_scale_resizes_the_window_by_a_factor(tmp_path):
-    assert teacher.backbone_input_size(_config(backbone_input_scale=2.0), 17) == 34
-    assert teacher.backbone_input_size(_config(backbone_input_scale=1.0), 17) is None
-    assert teacher.backbone_input_size(_config(), 17) is None
+    assert run_setup.backbone_input_size(_config(backbone_input_scale=2.0), 17) == 34
+    assert run_setup.backbone_input_size(_config(backbone_input_scale=1.0), 17) is None
+    assert run_setup.backbone_input_size(_config(), 17) is None
     with pytest.raises(ValueError, match="backbone_input_scale=2.0 and --config.backbone_input"):
         _train(tmp_path / "both", _config(backbone_input_scale=2.0, backbone_input_size=24))
     seen = []
@@ -161,7 +168,7 @@ def test_least_squares_decoder_is_exact_on_a_linear_target():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(200, 5))
     kernel, bias = rng.normal(size=(5, 7)), rng.normal(size=7)
-    fit_kernel, fit_bias = teacher.least_squares_decoder(x, x @ kernel + bias, ridge=0.0)
+    fit_kernel, fit_bias = decoder_init.least_squares_decoder(x, x @ kernel + bias, ridge=0.0)
     np.testing.assert_allclose(fit_kernel, kernel, atol=1e-9)
     np.testing.assert_allclose(fit_bias, bias, atol=1e-9)
 
@@ -188,10 +195,10 @@ def test_least_squares_init_starts_below_the_mean_init():
     config = _config(init_decoder="lstsq", target_stages=(1, 2), target_standardize=True)
     module = patch_net(17, out_dim=16, widths=1 / 16)
     backbone = _backbone()
-    spec = teacher.target_spec(config)
+    spec = run_setup.target_spec(config)
     key = jax.random.key(0, impl="rbg")
-    with teacher._sampler(config, _images(), jax.random.fold_in(key, 1)) as sampler:
-        target = teacher._measure_target(config, sampler, key, module, backbone, spec, None)
+    with run_setup.sampler(config, _images(), jax.random.fold_in(key, 1)) as sampler:
+        target = run_setup.measure_target(config, sampler, key, module, backbone, spec, None)
         fit, held_out = sampler.sample(0, 256), sampler.sample(1, 256)
     target_fn = targets.target_fn(backbone, spec)
     variables = targets.target_variables(backbone.variables, spec, target)
@@ -199,8 +206,8 @@ def test_least_squares_init_starts_below_the_mean_init():
     state = make_init(module, nn.Dense(10), tx, 3)(key)
     losses = {}
     for name, init in (
-        ("mean", teacher._decoder_at_mean),
-        ("lstsq", teacher._decoder_least_squares),
+        ("mean", decoder_init.decoder_at_mean),
+        ("lstsq", decoder_init.decoder_least_squares),
     ):
         decoder = init(config, state, module, target_fn, variables, fit, None)["params"]["decoder"]
         decoded = nn.Dense(10).apply(decoder, module.apply(state["params"]["teacher"], held_out))
@@ -296,7 +303,7 @@ def test_live_presets_and_bad_settings():
         ("backbone_input_scale", -1.0, "backbone_input_scale=-1.0"),
     ):
         with pytest.raises(ValueError, match=message):
-            teacher._check_config(_config(**{field: value}))
+            run_setup.check_config(_config(**{field: value}))
 
 
 def test_shipped_teachers_of_the_old_target_still_load_and_say_so():

@@ -279,7 +279,8 @@ def family_name(family):
 
 
 def test_a_calibration_by_tiles_does_not_decide_resized_maps(tmp_path):
-    from ustad.calibration import calibrate, find_calibration, model_names, write_calibration
+    from ustad.calibration import calibrate
+    from ustad.calibration_files import find_calibration, model_names, write_calibration
 
     rng = np.random.default_rng(7)
     settings = {"reduction": "max", "top_k": 100, "smooth_sigma": 0.0}

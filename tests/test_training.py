@@ -213,7 +213,7 @@ def test_epoch_batches_resume_mid_epoch_and_reshuffle_each_epoch():
 
 
 def test_divergence_and_flattening_of_a_validation_history():
-    from ustad.training import check_not_diverged, flattened
+    from ustad.training_checks import check_not_diverged, flattened
 
     check_not_diverged([1.7, 1.8, 1.5], epoch=2)  # within 1.2× of the first
     with pytest.raises(FloatingPointError, match="diverged: validation loss 2.21 after epoch 5"):
@@ -239,7 +239,7 @@ def test_hold_out_keeps_a_minimum_of_validation_images():
 
 
 def test_settings_added_later_compare_against_what_old_runs_used():
-    from ustad.training import changed_settings
+    from ustad.training_checks import changed_settings
 
     old = {"config": {"val_fraction": 0.1}}  # written before val_min_images existed
     assert (

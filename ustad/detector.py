@@ -361,15 +361,15 @@ class MapDetector:
         Args:
           images: as :meth:`score`.
           calibration: a :class:`ustad.calibration.Calibration` (e.g.
-            ``ustad.calibration.find_calibration(workdirs, detector.settings)[0]``); None gives
-            the raw maps and scores only.
+            ``ustad.calibration_files.find_calibration(workdirs, detector.settings)[0]``);
+            None gives the raw maps and scores only.
 
         Returns:
-          A :class:`ustad.calibration.Prediction`: ``scores [N]``, ``maps [N, H, W]`` and, with a
+          A :class:`ustad.decisions.Prediction`: ``scores [N]``, ``maps [N, H, W]`` and, with a
           calibration, ``threshold``, ``normalized [N]`` (0.5 at the threshold),
           ``is_anomalous [N]``, ``masks [N, H, W]``, ``defect_area [N]`` and ``regions [N]``.
         """
-        from ustad.calibration import decide
+        from ustad.decisions import decide
 
         maps, scores = self.score(images)
         return decide(maps, scores, calibration)

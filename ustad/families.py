@@ -162,7 +162,8 @@ def calibrate_after_training(workdir, detector, images) -> None:
     leave the workdir uncalibrated with a warning (``ustad calibrate --good`` adds one)."""
     import logging
 
-    from ustad.calibration import DEFAULT_MAX_FPR, TooFewGoodImages, calibrate_workdir
+    from ustad.calibration import DEFAULT_MAX_FPR, TooFewGoodImages
+    from ustad.calibration_files import calibrate_workdir
 
     try:
         calibrate_workdir(workdir, detector, images, max_fpr=DEFAULT_MAX_FPR)

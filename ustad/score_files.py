@@ -17,9 +17,10 @@ For every image ``<rel>`` (its path relative to the images' common folder, exten
 Every image is decoded once before any is scored (an unreadable one stops the run naming it,
 writing nothing) and the output folder is checked to be writable first; then images are read
 again and scored one batch at a time, a background thread decoding the next batches while the
-current one is scored (:func:`read_batches`: at most ``prefetch`` batches ahead, so no more than
-a few batches are held at native size). Every file is written atomically; when writing fails
-midway (a full disk), ``scores.csv`` lists the images done and the error says how many.
+current one is scored (:func:`ustad.image_batches.read_batches`: at most ``prefetch`` batches
+ahead, so no more than a few batches are held at native size). Every file is written
+atomically; when writing fails midway (a full disk), ``scores.csv`` lists the images done and the
+error says how many.
 """
 
 from __future__ import annotations
@@ -35,16 +36,19 @@ import os
 import queue
 import tempfile
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
-from ustad.calibration import Calibration, Prediction, decide
-from ustad.data.images import encode_png, read_image, to_uint8
+from ustad.calibration import Calibration
+from ustad.data.images import encode_png, read_image
+from ustad.decisions import Prediction, decide
+from ustad.image_batches import PREFETCH_BATCHES, check_batches, read_batches
 from ustad.io import atomic_write
 from ustad.metric_writer import progress
+from ustad.overlays import overlay_panel
 
 logger = logging.getLogger(__name__)
 
@@ -56,9 +60,6 @@ DECISION_COLUMNS = (
 # pixels vanishes when shrunk 8×, and an image blown up 8× holds no detail at the model's size.
 EXTREME_RESIZE = 8.0
 MAP_DTYPES = ("float32", "float16")
-# Batches decoded ahead of the one being scored: two keep the scorer fed when one batch's
-# decoding takes longer than usual, and bound the memory to a few batches.
-PREFETCH_BATCHES = 2
 # Batches of outputs queued for the writer thread (encoding the overlays' PNGs and compressing
 # the maps costs as much as scoring at 256²).
 WRITE_BEHIND_BATCHES = 2
@@ -148,74 +149,6 @@ def warn_extreme_resizes(sizes, paths, input_sizes, limit: float = EXTREME_RESIZ
     return message
 
 
-OVERLAY_MIN_HEIGHT = 96  # small images are enlarged so the colour bar's labels fit
-COLOUR_BAR_WIDTH = 64
-
-
-def overlay_size(height: int, width: int) -> tuple[int, int]:
-    """``(width, height)`` in pixels of the overlay of an ``height × width`` image (PIL order)."""
-    factor = max(1, -(-OVERLAY_MIN_HEIGHT // height))
-    return 2 * width * factor + COLOUR_BAR_WIDTH, height * factor
-
-
-def overlay_panel(
-    image: np.ndarray,
-    anomaly_map: np.ndarray,
-    vmin: float,
-    vmax: float,
-    mask: np.ndarray | None = None,
-    threshold: float | None = None,
-) -> np.ndarray:
-    """The image | the colour-mapped map blended 50/50 over it (the mask's contour in cyan) |
-    a colour bar from ``vmin`` (bottom) to ``vmax`` (top), the threshold marked in cyan.
-
-    Args:
-        image: ``[H, W, C]`` float32 in [0, 1], C = 1 or 3.
-        anomaly_map: ``[H, W]``.
-        vmin, vmax: the colour scale.
-        mask: ``[H, W]`` bool defect pixels, whose outline is drawn.
-        threshold: the pixel threshold, marked on the bar.
-
-    Returns:
-        ``[H', 2W' + B, 3]`` uint8 (small images are enlarged to at least 96 px high so the bar's
-        labels fit; B is the bar's width).
-    """
-    from matplotlib import colormaps
-
-    rgb = np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image
-    scaled = np.clip((anomaly_map - vmin) / max(vmax - vmin, 1e-12), 0.0, 1.0)
-    heat = 0.5 * rgb + 0.5 * colormaps["inferno"](scaled)[..., :3].astype(np.float32)
-    if mask is not None and mask.any():
-        from scipy import ndimage
-
-        heat[mask & ~ndimage.binary_erosion(mask, border_value=0)] = (0.0, 1.0, 1.0)
-    panel = np.concatenate([rgb, heat], axis=1)
-    factor = max(1, -(-OVERLAY_MIN_HEIGHT // panel.shape[0]))
-    panel = np.repeat(np.repeat(panel, factor, axis=0), factor, axis=1)
-    bar = _colour_bar(panel.shape[0], vmin, vmax, threshold)
-    return np.concatenate([to_uint8(panel), bar], axis=1)
-
-
-def _colour_bar(height: int, vmin: float, vmax: float, threshold: float | None) -> np.ndarray:
-    """``[height, COLOUR_BAR_WIDTH, 3]`` uint8: the colour map (top = ``vmax``), its ends and the
-    threshold labelled."""
-    from matplotlib import colormaps
-    from PIL import Image, ImageDraw
-
-    levels = np.linspace(1.0, 0.0, height)[:, None].repeat(12, axis=1)
-    strip = to_uint8(colormaps["inferno"](levels)[..., :3])
-    canvas = Image.new("RGB", (COLOUR_BAR_WIDTH, height), (255, 255, 255))
-    canvas.paste(Image.fromarray(strip), (2, 0))
-    draw = ImageDraw.Draw(canvas)
-    draw.text((16, 0), f"{vmax:.3g}", fill=(0, 0, 0))
-    draw.text((16, height - 11), f"{vmin:.3g}", fill=(0, 0, 0))
-    if threshold is not None and vmin <= threshold <= vmax:
-        y = int(round((vmax - threshold) / max(vmax - vmin, 1e-12) * (height - 1)))
-        draw.line([(0, y), (15, y)], fill=(0, 200, 255), width=2)
-        draw.text((16, min(max(y - 5, 12), height - 23)), f"{threshold:.3g}", fill=(0, 120, 200))
-    return np.asarray(canvas)
-
-
 def _npz_bytes(anomaly_map: np.ndarray, score: float, map_dtype: str) -> bytes:
     buffer = io.BytesIO()
     np.savez_compressed(buffer, anomaly_map=anomaly_map.astype(map_dtype), score=np.float32(score))
@@ -265,78 +198,6 @@ def _batches(sizes, batch_size):
     for indices in by_size.values():
         for start in range(0, len(indices), batch_size):
             yield indices[start : start + batch_size]
-
-
-def _check_batches(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} must be an integer ≥ 0 (batches), got {value!r}")
-
-
-def read_batches(
-    paths: Sequence[str | os.PathLike],
-    chunks: Sequence[Sequence[int]],
-    prefetch: int = PREFETCH_BATCHES,
-) -> Iterator[tuple[Sequence[int], np.ndarray]]:
-    """``(chunk, images [B, H, W, C] float32)`` for each index chunk, in order, the images read by
-    a background thread up to ``prefetch`` batches ahead of the caller.
-
-    Decoding (PIL, zlib) and the jitted scoring both release the GIL, so reading the next
-    batches overlaps scoring the current one; ``prefetch=0`` reads each batch in the caller's
-    thread when it is asked for (no thread).
-
-    Args:
-        paths: the image files.
-        chunks: lists of indices into ``paths``; the images of a chunk share one size.
-        prefetch: batches read ahead (≥ 0).
-
-    Raises:
-        FileNotFoundError, ValueError: an unreadable image (named by
-            :func:`ustad.data.images.read_image`), raised at its batch's turn: every batch
-            before it is yielded first, none after it is read.
-    """
-    _check_batches("prefetch", prefetch)
-
-    def read(chunk):
-        return np.stack([read_image(paths[i]) for i in chunk])
-
-    if prefetch == 0:
-        for chunk in chunks:
-            yield chunk, read(chunk)
-        return
-    ready: queue.Queue = queue.Queue(maxsize=prefetch)
-    stop = threading.Event()
-
-    def put(item) -> bool:
-        while not stop.is_set():
-            try:
-                ready.put(item, timeout=0.05)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def reader() -> None:
-        for chunk in chunks:
-            try:
-                item = (chunk, read(chunk), None)
-            except BaseException as error:  # handed to the caller, raised in its thread
-                put((chunk, None, error))
-                return
-            if stop.is_set() or not put(item):
-                return
-        put(None)
-
-    thread = threading.Thread(target=reader, name="ustad-read-images", daemon=True)
-    thread.start()
-    try:
-        while (item := ready.get()) is not None:
-            chunk, images, error = item
-            if error is not None:
-                raise error
-            yield chunk, images
-    finally:
-        stop.set()  # the caller stopped early (an error, a closed generator): end the reader
-        thread.join()
 
 
 class _WriteBehind:
@@ -425,7 +286,8 @@ def score_files(
         sizes: each image's ``(H, W)`` from :func:`scan_images`; default: scanned here.
         map_dtype: ``"float32"`` (lossless) or ``"float16"`` (compressed) maps.
         prefetch: batches of images decoded ahead by a background thread while a batch is
-            scored (:func:`read_batches`); 0 reads each batch when it is scored.
+            scored (:func:`ustad.image_batches.read_batches`); 0 reads each batch when it is
+            scored.
         write_behind: batches of outputs written by a background thread, in order, while the
             next batches are scored; 0 writes each image's files before the next batch.
 
@@ -438,8 +300,8 @@ def score_files(
     """
     if map_dtype not in MAP_DTYPES:
         raise ValueError(f"map_dtype must be one of {MAP_DTYPES}, got {map_dtype!r}")
-    _check_batches("prefetch", prefetch)
-    _check_batches("write_behind", write_behind)
+    check_batches("prefetch", prefetch)
+    check_batches("write_behind", write_behind)
     names, out = output_names(paths), Path(out)
     sizes = scan_images(paths) if sizes is None else sizes
     if len(sizes) != len(paths):

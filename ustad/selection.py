@@ -17,7 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from ustad import sharding as shd
-from ustad.training import Budget, Every, Hook, flattened
+from ustad.training import Every, Hook
+from ustad.training_budget import Budget
+from ustad.training_checks import flattened
 
 PyTree = Any
 logger = logging.getLogger(__name__)

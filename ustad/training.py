@@ -1,5 +1,6 @@
-"""The trainers' shared ground floor: input checks, hold-out, resumption, time budgets and the
-one run loop (validation and the selection of the best students: :mod:`ustad.selection`).
+"""The trainers' shared ground floor: hold-out, resumption, batches and the one run loop (input
+and setting checks: :mod:`ustad.training_checks`; time budgets: :mod:`ustad.training_budget`;
+validation and the selection of the best students: :mod:`ustad.selection`).
 
 The three trainers (teacher, students, STFPM) differ in their step, their batches and what
 they do after it; :func:`run_loop` is the rest, the same for all: steps ``start_step …
@@ -12,9 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import logging
-import math
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -23,72 +22,17 @@ import jax
 import numpy as np
 
 from ustad import sharding as shd
-from ustad.host_images import as_unit_float
 from ustad.metric_writer import MetricWriter, check_finite, progress
 
 if TYPE_CHECKING:
     from ustad.checkpointing import Checkpointer
+    from ustad.training_budget import Budget
 
 PyTree = Any
 logger = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------- setting up
-
-
-# Settings added after workdirs were written, with the value those workdirs ran with: a run
-# resumed from one compares against it (a missing setting is otherwise not compared).
-SETTING_DEFAULTS = {"val_min_images": 0, "train_steps": 0, "min_train_steps": 0, "select": "last"}
-
-
-def changed_settings(meta: dict, config, names) -> list[str]:
-    """``"name=saved (now current)"`` for each of ``names`` whose value in the checkpoint's
-    saved config (``meta["config"]``) differs from ``config``'s; settings missing on either
-    side are not compared, except those in :data:`SETTING_DEFAULTS`, which an older
-    checkpoint ran with at their default."""
-    saved = dict(meta.get("config", {}))
-    for name, default in SETTING_DEFAULTS.items():
-        saved.setdefault(name, default)
-    return [
-        f"{name}={saved[name]!r} (now {config[name]!r})"
-        for name in names
-        if name in saved and name in config and saved[name] != json_value(config[name])
-    ]
-
-
-def check_images(images) -> np.ndarray:
-    """Training images as ``[N, H, W, C]`` float32 in [0, 1], or a ``ValueError``.
-
-    uint8/uint16 are scaled (see :func:`ustad.host_images.as_unit_float`); floats outside
-    [0, 1], NaN or inf (named by image index) and other shapes raise.
-    """
-    images = as_unit_float(images)
-    if images.ndim != 4:
-        raise ValueError(f"images must be [N, H, W, C], got shape {images.shape}")
-    bad = np.flatnonzero(~np.isfinite(images.reshape(len(images), -1)).all(axis=1))
-    if bad.size:
-        raise ValueError(f"training images {bad[:10].tolist()} hold NaN or inf values")
-    return images
-
-
-def data_fingerprint(images: np.ndarray) -> str:
-    """SHA-256 of the images' shape and float32 bytes: a resumed run checks it sees the same
-    training data.
-
-    Args:
-      images: ``[N, H, W, C]``.
-    """
-    images = np.ascontiguousarray(images, np.float32)
-    digest = hashlib.sha256(repr(images.shape).encode())
-    digest.update(memoryview(images).cast("B"))
-    return digest.hexdigest()
-
-
-def json_value(value):
-    """``value`` as a run's JSON metadata stores it (tuples as lists, ConfigDicts as dicts)."""
-    if hasattr(value, "to_dict"):  # a ConfigDict field (scale_epochs) is saved as a dict
-        return value.to_dict()
-    return list(value) if isinstance(value, tuple) else value
 
 
 def run_key(seed: int, impl: str = "threefry2x32") -> jax.Array:
@@ -190,84 +134,6 @@ def check_member_losses(step: int, losses: np.ndarray) -> None:
     """``FloatingPointError`` naming the member and step when a loss of ``[M]`` is NaN or inf."""
     for i, value in enumerate(np.asarray(losses).reshape(-1)):
         check_finite(f"the loss of student {i}", float(value), step)
-
-
-# --------------------------------------------------------------------------------- budgets
-
-
-class Budget:
-    """A time budget for training (``--config.max_minutes``; 0 or less: none).
-
-    What it counts, the *training clock*: the wall time inside :func:`run_loop` (steps,
-    validations, checkpoint saves), less the first step's call in each process (its tracing and
-    compilation: the step itself runs asynchronously after the call returns), plus
-    ``spent_before_s``, the training clock of the runs this one resumes (each checkpoint
-    records it as ``budget_seconds``). A resumed run therefore gets what is left of the budget,
-    not a fresh one; the steps redone after a kill are counted twice (the time between the last
-    checkpoint and the kill is lost), and a run resumed with its budget spent still makes one
-    update (its first step boundary). Data loading, the teacher's cache and the score
-    normalisation after training are outside the clock.
-
-    Attributes:
-      limit_s: the budget in seconds (inf: none).
-      spent_before_s: the clock of the earlier runs of the same workdir.
-      stopped_at: the step :func:`run_loop` stopped at because the budget was spent, or None.
-      clock: the time source (seconds), replaceable in tests.
-    """
-
-    def __init__(self, max_minutes: float = 0.0, spent_before_s: float = 0.0, clock=None):
-        minutes = float(max_minutes or 0.0)
-        self.max_minutes = minutes
-        self.limit_s = minutes * 60.0 if minutes > 0 else math.inf
-        self.spent_before_s = float(spent_before_s)
-        self.stopped_at: int | None = None
-        self.clock = clock or time.perf_counter
-        self._started: float | None = None
-        self._excluded = 0.0
-
-    def start(self) -> None:
-        """Start this process's part of the clock (:func:`run_loop` calls it)."""
-        self._started, self._excluded = self.clock(), 0.0
-
-    def exclude(self, seconds: float) -> None:
-        """Take ``seconds`` (a compilation) off this process's part of the clock."""
-        self._excluded += seconds
-
-    def seconds(self) -> float:
-        """The training clock now, earlier runs included."""
-        if self._started is None:
-            return self.spent_before_s
-        return self.spent_before_s + max(self.clock() - self._started - self._excluded, 0.0)
-
-    def spent(self) -> bool:
-        """Whether the training clock has reached the budget."""
-        return self.seconds() >= self.limit_s
-
-
-def check_max_minutes(config) -> None:
-    """Refuse a ``--config.max_minutes`` that is not a finite number ≥ 0, in one line."""
-    value = config.get("max_minutes", 0.0)
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < math.inf:
-        raise ValueError(f"--config.max_minutes={value!r}: must be a number ≥ 0 (0 = no limit)")
-
-
-def run_budget(config, meta: dict) -> Budget:
-    """The run's :class:`Budget`: ``config.max_minutes`` less what the checkpoint ``meta`` it
-    resumes from already spent (``meta["budget_seconds"]``)."""
-    return Budget(config.get("max_minutes", 0.0), float(meta.get("budget_seconds", 0.0)))
-
-
-def finished(meta: dict, start_step: int, total_steps: int) -> bool:
-    """Whether the newest checkpoint (``meta``, at ``start_step``) is a finished run: trained to
-    its last step, or stopped by its time budget, and its score normalised."""
-    done = start_step == total_steps or meta.get("stopped_by") == "max_minutes"
-    return bool(meta.get("score_normalization")) and done
-
-
-def scheduled_steps(epochs: int, steps_per_epoch: int, min_steps: int = 0) -> int:
-    """``epochs`` whole epochs, or the fewest whole epochs that reach the floor ``min_steps``
-    when that is more (a floor of updates that does not shrink with a category's size)."""
-    return max(int(epochs), -(-int(min_steps) // steps_per_epoch)) * steps_per_epoch
 
 
 # --------------------------------------------------------------------------------- the loop
@@ -459,67 +325,3 @@ def _log(log: Log, bar, check, step: int, losses: PyTree, clock, steps_per_epoch
         if bar is not None and "loss" in record:
             bar.set_postfix(loss=f"{record['loss']:.4g}", refresh=False)
     return now, done
-
-
-# A mean validation loss this far above the first one means the students got worse than after
-# their first epoch. STFPM's loss is bounded (normalised features), so a too-high learning rate
-# does not overflow, it degrades the students (lr 1000 on its smoke data: 1.72 → 2.21).
-DIVERGENCE_RATIO = 1.2
-
-
-# The best validation loss must improve by less than this over the last quarter of the
-# validations for the run to count as flattened.
-FLAT_IMPROVEMENT = 0.01
-
-
-def check_not_diverged(history: list[float], epoch: int, what: str = "the students") -> None:
-    """Raise ``FloatingPointError`` when the newest mean validation loss is non-finite or
-    :data:`DIVERGENCE_RATIO` × above the first one (a bounded loss does not overflow when the
-    learning rate is too high: it degrades)."""
-    if not np.isfinite(history[-1]):
-        raise FloatingPointError(f"{what}: validation loss {history[-1]} after epoch {epoch}")
-    if len(history) > 1 and history[-1] > DIVERGENCE_RATIO * history[0]:
-        raise FloatingPointError(
-            f"{what} diverged: validation loss {history[-1]:.4g} after epoch "
-            f"{epoch}, above {history[0]:.4g} after the first epoch; lower "
-            f"--config.learning_rate and use a new workdir"
-        )
-
-
-def flattened(history: list[float]) -> bool | None:
-    """Whether the validation loss had flattened by the end: its best over the last quarter of
-    the validations improved on the best before it by less than :data:`FLAT_IMPROVEMENT`
-    (relative); None with fewer than 4 validations (too few to say)."""
-    if len(history) < 4:
-        return None
-    cut = len(history) - max(1, len(history) // 4)
-    before, last = min(history[:cut]), min(history[cut:])
-    return bool(last >= before * (1 - FLAT_IMPROVEMENT))
-
-
-def check_settings(
-    config,
-    *,
-    positive_ints: Sequence[str] = (),
-    non_negative_ints: Sequence[str] = (),
-    choices: Mapping[str, Sequence] | None = None,
-) -> None:
-    """Refuse, in one line naming the ``--config.<field>``, integers out of range, a value not
-    among its choices, and the optimisation settings every trainer shares out of range
-    (``learning_rate`` > 0 and finite, ``weight_decay`` ≥ 0, ``val_fraction`` in [0, 1)).
-
-    Fields absent from ``config`` are not checked (nor are choices of absent fields)."""
-    for names, low in ((positive_ints, 1), (non_negative_ints, 0)):
-        for name in names:
-            value = config.get(name, low)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"--config.{name}={value!r}: must be an integer ≥ {low}")
-    for name, allowed in (choices or {}).items():
-        if name in config and config[name] not in allowed:
-            raise ValueError(f"--config.{name}={config[name]!r}: choose one of {tuple(allowed)}")
-    if not 0 < float(config.learning_rate) < float("inf"):
-        raise ValueError(f"--config.learning_rate={config.learning_rate!r}: must be > 0")
-    if not float(config.weight_decay) >= 0:
-        raise ValueError(f"--config.weight_decay={config.weight_decay!r}: must be ≥ 0")
-    if not 0 <= float(config.val_fraction) < 1:
-        raise ValueError(f"--config.val_fraction={config.val_fraction!r}: must be in [0, 1)")

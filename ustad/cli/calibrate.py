@@ -51,10 +51,9 @@ def run(fv: flags.FlagValues) -> None:
         TooFewGoodImages,
         calibrate_detector,
         check_max_fpr,
-        model_names,
         required_good_images,
-        write_calibration,
     )
+    from ustad.calibration_files import model_names, write_calibration
     from ustad.data.images import resolve_image_paths
     from ustad.score_files import check_writable, scan_images
 

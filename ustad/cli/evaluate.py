@@ -112,7 +112,7 @@ def _operating_point(fv, workdirs, options, test, score_maps, image_scores, metr
     `ustad score` scores), operating_point.json and report/index.html."""
     import json
 
-    from ustad.calibration import find_calibration
+    from ustad.calibration_files import find_calibration
     from ustad.evaluation.html_report import write_html_report
     from ustad.evaluation.operating_point import operating_point_metrics
     from ustad.io import atomic_write

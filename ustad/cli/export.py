@@ -111,7 +111,7 @@ def run(fv: flags.FlagValues) -> None:
 
 def _calibration(fv: flags.FlagValues):
     """The workdirs' calibration for the exported image score, or None (said on stdout)."""
-    from ustad.calibration import find_calibration
+    from ustad.calibration_files import find_calibration
 
     settings = {"reduction": fv["reduction"].value, "top_k": fv["top_k"].value, "smooth_sigma": 0.0}
     calibration, why = find_calibration(fv["workdirs"].value, settings)

@@ -178,7 +178,7 @@ def summary_line(rows: list[dict], calibration, out: str, why: str) -> str:
 def _trained(fv: flags.FlagValues):
     """The detector of --workdirs (either family) and the settings scoring.json records."""
     from ustad import families
-    from ustad.calibration import find_calibration
+    from ustad.calibration_files import find_calibration
 
     detector = families.load_detector(fv["workdirs"].value, **detector_kwargs(fv))
     calibration, why = find_calibration(fv["workdirs"].value, detector.settings)

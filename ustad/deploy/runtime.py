@@ -186,9 +186,9 @@ class ExportedDetector:
 
     def predict(self, images, calibration=None):
         """:meth:`score` with the decisions of ``calibration`` (default: the one stored in the
-        file); a :class:`ustad.calibration.Prediction` as
+        file); a :class:`ustad.decisions.Prediction` as
         :meth:`ustad.detector.MapDetector.predict`."""
-        from ustad.calibration import decide
+        from ustad.decisions import decide
 
         maps, scores = self.score(images)
         return decide(maps, scores, self.calibration if calibration is None else calibration)

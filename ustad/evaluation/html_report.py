@@ -21,7 +21,7 @@ import numpy as np
 
 from ustad.data.images import encode_png
 from ustad.io import atomic_write
-from ustad.score_files import overlay_panel
+from ustad.overlays import overlay_panel
 
 # The figures of ustad.evaluation.reports / image_report shown when present.
 FIGURES = ("pro_curves.png", "roc_image.png", "roc_pixel.png", "score_histograms.png")

@@ -2,6 +2,7 @@
 architecture matching its L2-normalised feature pyramid.
 
 ``nets`` (pyramid networks) · ``maps`` (the maths: loss, level scores, anomaly map) · ``steps``
-(jitted training step, validation) · ``train`` · ``checkpoints`` (workdir format, trained model)
-· ``score`` (the detector). The same file names as :mod:`ustad.uninformed_students`.
+(jitted training step, validation) · ``run`` (a run's set-up) · ``train`` · ``checkpoints``
+(workdir format, trained model) · ``score`` (the detector). The same file names as
+:mod:`ustad.uninformed_students`.
 """

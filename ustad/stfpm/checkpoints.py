@@ -23,7 +23,7 @@ from ustad import sharding as shd
 from ustad.checkpointing import restore_workdir
 from ustad.stfpm import maps as stfpm
 from ustad.stfpm.nets import pyramid_from_spec, teacher_variables
-from ustad.training import changed_settings
+from ustad.training_checks import changed_settings
 
 PyTree = Any
 

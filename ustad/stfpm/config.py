@@ -45,7 +45,8 @@ def stfpm_base_config() -> ml_collections.ConfigDict:
     config.train_steps = 0  # > 0: at least this many updates (whole epochs) instead of epochs
     # A floor of updates whatever the category's size (whole epochs reaching it); 0: none.
     config.min_train_steps = 0
-    config.max_minutes = 0.0  # > 0: stop training after this many minutes (ustad.training.Budget)
+    # > 0: stop training after this many minutes (ustad.training_budget.Budget)
+    config.max_minutes = 0.0
     config.batch_size = 32
     config.learning_rate = 0.4
     config.momentum = 0.9
@@ -153,7 +154,8 @@ def validate(config: ml_collections.ConfigDict, workdir: str | None = None) -> N
     Raises:
       ValueError: a bad setting, or a workdir holding a run that differs.
     """
-    from ustad.training import check_max_minutes, check_settings
+    from ustad.training_budget import check_max_minutes
+    from ustad.training_checks import check_settings
 
     check_settings(
         config,

@@ -9,7 +9,7 @@ to match the teacher's L2-normalised pyramid. Validation (``config.val_fraction`
 ``config.select = "best_val"`` each student keeps its epoch of lowest validation loss (the
 authors keep the epoch of the lowest mean validation anomaly map), and the per-level
 statistics of e and v on it normalise the ensemble score. ``config.max_minutes`` stops training
-early (:class:`ustad.training.Budget`), ``config.min_train_steps`` is a floor of updates.
+early (:class:`ustad.training_budget.Budget`), ``config.min_train_steps`` is a floor of updates.
 
 Workdir layout::
 
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import os
 import time
@@ -38,15 +37,8 @@ import numpy as np
 
 from ustad import sharding as shd
 from ustad.checkpointing import CHECKPOINT_SUBDIR, Checkpointer
-from ustad.ensemble import resolve_member_strategy
 from ustad.host_images import convert_channels
-from ustad.selection import (
-    end_record,
-    initial_best,
-    selection_record,
-    validation_hook,
-    validation_losses,
-)
+from ustad.selection import end_record, selection_record, validation_hook, validation_losses
 from ustad.stfpm import maps as stfpm
 from ustad.stfpm.checkpoints import (
     RESUME_SETTINGS,
@@ -55,10 +47,17 @@ from ustad.stfpm.checkpoints import (
     model_from_state,
     teacher_from_config,
 )
-from ustad.stfpm.nets import pyramid_net, pyramid_spec
+from ustad.stfpm.nets import pyramid_net
+from ustad.stfpm.run import (
+    Books,
+    Run,
+    checkpoint_metadata,
+    initial_state,
+    setup_run,
+    train_tile_size,
+    training_images,
+)
 from ustad.stfpm.steps import (
-    init_students,
-    make_optimizer,
     make_train_step,
     score_normalization,
     teacher_cache,
@@ -66,80 +65,27 @@ from ustad.stfpm.steps import (
 )
 from ustad.tiling import check_tile_fits_training, image_tiles, random_crops
 from ustad.training import (
-    Budget,
     Every,
     Hook,
     Log,
     Saves,
-    check_images,
     check_member_losses,
-    check_not_diverged,
-    data_fingerprint,
     epoch_batches,
-    finished,
     hold_out,
     member_losses,
     process_writer,
     resume,
-    run_budget,
     run_key,
     run_loop,
-    scheduled_steps,
 )
+from ustad.training_budget import finished, run_budget
+from ustad.training_checks import check_images, check_not_diverged, data_fingerprint
 
 __all__ = ["RESUME_SETTINGS", "train_and_evaluate", "train_stfpm"]
 
 
 PyTree = Any
 logger = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True, eq=False)
-class _Run:
-    """What a run is, fixed before its first step (and the same when it resumes)."""
-
-    train_images: np.ndarray  # [N, H, W, 3]
-    val_images: np.ndarray  # [V, H, W, 3] for validation and the score normalisation; may be empty
-    network: Any  # the pyramid network (teacher and students), :func:`pyramid_net`
-    tx: Any  # the students' optimizer
-    mesh: jax.sharding.Mesh
-    shard_members: bool
-    strategy: str  # how the M students run in a step (resolve_member_strategy)
-    steps_per_epoch: int
-    total_steps: int
-    select_best: bool  # each student keeps its epoch of lowest validation loss
-    floor: int  # the fewest updates the schedule gives (config.min_train_steps / train_steps)
-    # The mean validation loss after each validation (restored from the checkpoint on resume).
-    val_history: list = dataclasses.field(default_factory=list)
-    # Training on tiles (config.train_tiles): the (H, W) of the random crops each step takes
-    # of the native-size training images, which is the model's input size; None: whole images.
-    tile_size: tuple[int, int] | None = None
-
-    @property
-    def epochs(self) -> int:
-        return self.total_steps // self.steps_per_epoch
-
-    @property
-    def image_size(self) -> tuple[int, int]:
-        if self.tile_size is not None:
-            return self.tile_size
-        return tuple(int(s) for s in self.train_images.shape[1:3])
-
-    @property
-    def put(self):
-        return functools.partial(shd.shard_batch, mesh=self.mesh)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Books:
-    """Where a run writes: its checkpoints, metrics and metadata, and its clocks."""
-
-    checkpointer: Checkpointer
-    writer: Any  # the metrics file, or None on processes that write none
-    base_meta: dict
-    t0: float  # time.perf_counter() at the start of the training time, resumes included
-    budget: Budget
-    workdir: Path
 
 
 def train_stfpm(
@@ -184,10 +130,10 @@ def train_stfpm(
         # does: every tile of the scoring layout.
         check_tile_fits_training(train_images.shape[1:3], tile)
         val_images = image_tiles(val_images, tile)
-    run = _setup(config, network, train_images, val_images)
+    run = setup_run(config, network, train_images, val_images)
     run = dataclasses.replace(run, tile_size=tile)
-    state = _initial_state(config, run, teacher, key)
-    base_meta = _base_meta(config, run, teacher_source, fingerprint)
+    state = initial_state(config, run, teacher, key)
+    base_meta = checkpoint_metadata(config, run, teacher_source, fingerprint)
 
     def compatible(meta):  # checked before any array is read
         check_compatible(meta, config, run.image_size, workdir, fingerprint)
@@ -206,93 +152,12 @@ def train_stfpm(
         run.val_history[:] = meta.get("val_history", [])
         budget = run_budget(config, meta)
         t0 = time.perf_counter() - float(meta.get("train_seconds", 0.0))
-        books = _Books(checkpointer, writer, base_meta, t0, budget, workdir)
+        books = Books(checkpointer, writer, base_meta, t0, budget, workdir)
         state, done = _train_loop(config, run, state, start_step, books)
         return _finish(config, run, state, done, books)
 
 
-def _setup(config, network, train_images, val_images) -> _Run:
-    """The run's mesh, optimizer and steps, checked against the images."""
-    mesh, shard_members = shd.training_mesh(config, config.num_students)
-    batch_size = config.batch_size
-    if batch_size > len(train_images):
-        raise ValueError(f"batch_size={batch_size} > {len(train_images)} training images")
-    steps_per_epoch = len(train_images) // batch_size  # full batches only
-    total_steps, floor = schedule(config, steps_per_epoch)
-    return _Run(
-        train_images,
-        val_images,
-        network,
-        make_optimizer(config.learning_rate, config.momentum, config.weight_decay),
-        mesh,
-        shard_members,
-        resolve_member_strategy(config.member_strategy, sharded=shard_members, network="pyramid"),
-        steps_per_epoch,
-        total_steps,
-        select_best=config.select == "best_val" and len(val_images) > 0,
-        floor=floor,
-    )
-
-
-def schedule(config, steps_per_epoch: int) -> tuple[int, int]:
-    """``(total_steps, floor)``: the updates a run of ``steps_per_epoch`` updates an epoch
-    trains (whole epochs: :func:`scheduled_epochs`, raised to the floor), and the floor, the
-    fewest updates it gets whatever the category's size: ``config.min_train_steps`` or
-    ``config.train_steps``, whichever is more."""
-    floor = max(int(config.get("min_train_steps", 0) or 0), int(config.get("train_steps", 0) or 0))
-    return scheduled_steps(scheduled_epochs(config, steps_per_epoch), steps_per_epoch, floor), floor
-
-
-def scheduled_epochs(config, steps_per_epoch: int) -> int:
-    """Whole epochs to train: the fewest that reach ``config.train_steps`` updates when it is set
-    (> 0: a count of updates holds for a category of 40 images and of 800), else
-    ``config.epochs`` (the paper's count); :func:`ustad.training.scheduled_steps` then raises
-    it to the floor ``config.min_train_steps``."""
-    updates = config.get("train_steps", 0) or 0
-    if int(updates) != updates or updates < 0:
-        raise ValueError(f"--config.train_steps must be an integer ≥ 0, got {updates!r}")
-    if updates:
-        return -(-int(updates) // steps_per_epoch)
-    if int(config.epochs) != config.epochs or config.epochs < 1:
-        raise ValueError(f"--config.epochs must be a positive integer, got {config.epochs!r}")
-    return int(config.epochs)
-
-
-def _initial_state(config, run: _Run, teacher: PyTree, key: jax.Array) -> PyTree:
-    """Fresh students, the teacher and (with ``select_best``) the best students so far."""
-    members = shd.member_sharding(run.mesh, run.shard_members)
-    key = jax.random.fold_in(key, 0)
-    students = init_students(run.network, run.tx, key, config.num_students, members)
-    state = {"students": students, "teacher": shd.put_replicated(teacher, run.mesh)}
-    if run.select_best:
-        kept = {"params": students["params"], "batch_stats": students["batch_stats"]}
-        state["best"] = initial_best(kept, config.num_students, run.mesh, "epoch")
-    return state
-
-
-def _base_meta(config, run: _Run, teacher_source: str, fingerprint: str) -> dict:
-    """The JSON metadata of every checkpoint of the run."""
-    return {
-        "format": stfpm.FORMAT,
-        "family": stfpm.FAMILY,
-        "network": pyramid_spec(run.network),
-        "levels": list(run.network.level_names),
-        "image_size": list(run.image_size),
-        "channels": 3,
-        "num_students": int(config.num_students),
-        "score": config.score,
-        "combination": config.combination,
-        "teacher_source": teacher_source,
-        "train_images": len(run.train_images),
-        "val_images": len(run.val_images),
-        "steps_per_epoch": run.steps_per_epoch,
-        "total_steps": run.total_steps,
-        "data_fingerprint": fingerprint,
-        "config": json.loads(config.to_json_best_effort()),
-    }
-
-
-def _train_loop(config, run: _Run, state, start_step, books: _Books):
+def _train_loop(config, run: Run, state, start_step, books: Books):
     """Epochs ``start_step // steps_per_epoch … run.epochs − 1``: steps, validation after
     each epoch (and the best students kept), a checkpoint at each epoch's end; returns the
     final state and the steps done (fewer than ``run.total_steps`` when the budget ran out)."""
@@ -369,7 +234,7 @@ def _train_loop(config, run: _Run, state, start_step, books: _Books):
     return state, run.total_steps if budget.stopped_at is None else budget.stopped_at
 
 
-def _tile_batches(config, run: _Run, host_batches, start_step: int):
+def _tile_batches(config, run: Run, host_batches, start_step: int):
     """Training on tiles: each step's batch of native-size images (host arrays) cut to one
     random tile-sized crop per image (:func:`ustad.tiling.random_crops`, drawn from the seed
     and the step, so a resumed run takes the same crops), on the mesh."""
@@ -377,7 +242,7 @@ def _tile_batches(config, run: _Run, host_batches, start_step: int):
         yield {"image": run.put(random_crops(batch["image"], run.tile_size, config.seed, step))}
 
 
-def _teacher_cache(config, run: _Run, teacher: PyTree) -> PyTree | None:
+def _teacher_cache(config, run: Run, teacher: PyTree) -> PyTree | None:
     """The teacher's maps of every training image (:func:`teacher_cache`: one
     ``[N, h_l, w_l, C_l]`` float32 host array per level), or None when
     ``config.teacher_cache`` is ``"none"`` or they would not fit (the teacher then runs in
@@ -394,7 +259,7 @@ def _teacher_cache(config, run: _Run, teacher: PyTree) -> PyTree | None:
     )
 
 
-def _validation(config, run: _Run, writer) -> Hook:
+def _validation(config, run: Run, writer) -> Hook:
     """After every ``config.eval_every_epochs``-th epoch and the last: each student's
     validation loss, written, and (``select_best``) its best epoch kept."""
     weights = config.get("level_weights", None)
@@ -421,7 +286,7 @@ def _validation(config, run: _Run, writer) -> Hook:
     )
 
 
-def _finish(config, run: _Run, state, done: int, books: _Books) -> STFPMModel:
+def _finish(config, run: Run, state, done: int, books: Books) -> STFPMModel:
     """The kept students' score normalisation (per-level statistics of e and v on the held-out
     images), saved with them as the run's last checkpoint (at step ``done``)."""
     writer, workdir = books.writer, books.workdir
@@ -494,55 +359,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
         The trained :class:`~ustad.stfpm.checkpoints.STFPMModel`.
     """
     return train_stfpm(config, workdir, training_images(config))
-
-
-def training_images(config: ml_collections.ConfigDict) -> np.ndarray:
-    """``config.data_dir/config.category/train/good`` at ``config.image_size``: ``[N, H, W,
-    C]`` float32 in [0, 1].
-
-    With ``config.keep_aspect`` (``"auto"``: when the images are not square, see
-    :func:`ustad.data.mvtec.resolve_keep_aspect`) the short side becomes ``config.image_size``
-    and both sides are rounded to the network's largest stride (16), so every level of the
-    pyramid tiles the image exactly; the checkpoint records the size used (``image_size``), and
-    scoring and calibration resize to it.
-
-    With ``config.train_tiles`` the images keep their native size (the most common one) and
-    ``config.image_size`` is the size of the tiles training crops from them and scoring cuts.
-    """
-    from ustad.data.mvtec import load_mvtec_train
-
-    if config.get("train_tiles", False):
-        return load_mvtec_train(config.data_dir, config.category, image_size=None)[0]
-    network = pyramid_net(
-        config.backbone, tiny=config.get("tiny", False), levels=config.get("levels", None)
-    )
-    return load_mvtec_train(
-        config.data_dir,
-        config.category,
-        image_size=config.image_size,
-        keep_aspect=config.get("keep_aspect", False),
-        multiple=max(network.strides),
-    )[0]
-
-
-def train_tile_size(config: ml_collections.ConfigDict) -> tuple[int, int] | None:
-    """The ``(H, W)`` of the training tiles (``config.image_size``) with ``config.train_tiles``,
-    else None."""
-    if not config.get("train_tiles", False):
-        return None
-    from ustad.data.images import as_size
-
-    size = as_size(config.image_size)
-    network = pyramid_net(
-        config.backbone, tiny=config.get("tiny", False), levels=config.get("levels", None)
-    )
-    multiple = max(network.strides)
-    if size[0] % multiple or size[1] % multiple:
-        raise ValueError(
-            f"--config.train_tiles: the tile --config.image_size={config.image_size!r} must be "
-            f"a multiple of {multiple} (the pyramid's largest stride) on each side"
-        )
-    return size
 
 
 def held_out_images(config: ml_collections.ConfigDict) -> np.ndarray:

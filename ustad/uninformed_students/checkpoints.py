@@ -23,7 +23,7 @@ from ustad.ensemble import (
     ScoreNormalization,
     check_normalization,
 )
-from ustad.training import changed_settings
+from ustad.training_checks import changed_settings
 from ustad.uninformed_students.nets import PatchNet, patch_net_from_record
 
 PyTree = Any

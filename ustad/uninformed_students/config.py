@@ -56,7 +56,8 @@ def students_base_config() -> ml_collections.ConfigDict:
     config.train_steps = 0
     # A floor of updates whatever the category's size (whole epochs reaching it); 0: none.
     config.min_train_steps = 0
-    config.max_minutes = 0.0  # > 0: stop training after this many minutes (ustad.training.Budget)
+    # > 0: stop training after this many minutes (ustad.training_budget.Budget)
+    config.max_minutes = 0.0
     # Validation (the students' loss on the held-out images, every eval_every_epochs epochs and
     # at the end): "best_val" keeps each student's variables of lowest validation loss, "last"
     # the last ones.

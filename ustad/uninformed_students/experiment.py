@@ -177,9 +177,9 @@ def run_experiment(config: ml_collections.ConfigDict, workdir: str | os.PathLike
 
 def _schedule(students_config, p: int) -> str:
     """``"<n> updates"`` or ``"<n> epochs"``: how long the students of scale p train."""
-    from ustad.uninformed_students import train as students_lib
+    from ustad.uninformed_students.schedule import scale_epochs, scale_updates
 
-    updates = students_lib.scale_updates(students_config, p)
+    updates = scale_updates(students_config, p)
     if updates:
         return f"≥ {updates} updates"
-    return f"{students_lib.scale_epochs(students_config, p)} epochs"
+    return f"{scale_epochs(students_config, p)} epochs"

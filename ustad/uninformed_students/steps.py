@@ -8,7 +8,7 @@ frozen: it is not in the optimizer and its descriptors pass through
 ``stop_gradient``.
 
 Pure functions of networks and arrays; the trainer (data, checkpoints, metrics) is
-:mod:`ustad.uninformed_students.train`, which re-exports them.
+:mod:`ustad.uninformed_students.train`.
 """
 
 from __future__ import annotations
