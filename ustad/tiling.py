@@ -224,9 +224,25 @@ def check_tile_fits_training(image_hw, tile_hw, source: str = "the training imag
         )
 
 
+def crop_offsets(rng: np.random.Generator, size: int, crop: int, count: int) -> np.ndarray:
+    """``count`` offsets of a ``crop``-pixel window along an axis of ``size`` pixels, drawn so
+    that the border pixels are inside the window no less often than the least-covered others.
+
+    Offsets uniform over the ``size − crop + 1`` places where the window fits cover a border
+    pixel ``crop`` times less often than a central one (for a 256-px tile of a 1130-px side:
+    one offset in 875 against 256): a part that appears only near the images' borders is then
+    barely trained on, and scores as a defect. Here the window's position is drawn uniformly
+    over the ``size + crop − 1`` places where it overlaps the axis, then moved inside: every
+    pixel is covered with probability at least ``crop / (size + crop − 1)``, the border pixels
+    exactly that when ``crop < size`` (uniform offsets: ``1 / (size − crop + 1)``).
+    """
+    return np.clip(rng.integers(-(crop - 1), size, size=count), 0, size - crop)
+
+
 def random_crops(images: np.ndarray, tile_hw, seed: int, step: int) -> np.ndarray:
-    """One tile-sized crop of each image at a uniformly random position, drawn from
-    ``numpy.random.default_rng([seed, step])`` (a resumed run draws the same crops).
+    """One tile-sized crop of each image at a random position (:func:`crop_offsets`: borders
+    covered as often as the middle), drawn from ``numpy.random.default_rng([seed, step])`` (a
+    resumed run draws the same crops).
 
     Args:
       images: ``[B, H, W, C]`` host images.
@@ -239,8 +255,8 @@ def random_crops(images: np.ndarray, tile_hw, seed: int, step: int) -> np.ndarra
     th, tw = (int(s) for s in tile_hw)
     check_tile_fits_training(images.shape[1:3], (th, tw))
     rng = np.random.default_rng([int(seed), int(step)])
-    tops = rng.integers(0, images.shape[1] - th + 1, size=len(images))
-    lefts = rng.integers(0, images.shape[2] - tw + 1, size=len(images))
+    tops = crop_offsets(rng, images.shape[1], th, len(images))
+    lefts = crop_offsets(rng, images.shape[2], tw, len(images))
     return np.stack(
         [
             image[t : t + th, left : left + tw]

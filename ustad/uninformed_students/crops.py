@@ -22,6 +22,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from ustad.tiling import crop_offsets
 from ustad.uninformed_students.dense import crop_with_context, pad_images
 from ustad.uninformed_students.nets import PatchNet
 
@@ -56,13 +57,14 @@ def sample_crops(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The crops of one step: ``(image indices, tops, lefts)``, each ``[batch]``.
 
-    Distinct images within a step while ``batch <= num_images``; positions uniform over every
-    offset at which the crop fits. A function of ``(seed, step)`` only.
+    Distinct images within a step while ``batch <= num_images``; positions by
+    :func:`ustad.tiling.crop_offsets` (every output pixel, borders included, inside a crop at
+    least as often as the middle). A function of ``(seed, step)`` only.
     """
     rng = np.random.default_rng([seed, step])
     indices = rng.choice(num_images, size=batch, replace=batch > num_images)
-    tops = rng.integers(0, image_size[0] - crop_size + 1, size=batch)
-    lefts = rng.integers(0, image_size[1] - crop_size + 1, size=batch)
+    tops = crop_offsets(rng, image_size[0], crop_size, batch)
+    lefts = crop_offsets(rng, image_size[1], crop_size, batch)
     return indices, tops, lefts
 
 
