@@ -1,5 +1,7 @@
 """Dense extraction must equal the patch network applied to every patch."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +11,7 @@ from ustad.uninformed_students.dense import dense_apply, extract_patches, per_pa
 from ustad.uninformed_students.nets import patch_net
 
 
+@functools.cache  # one network per p for the module: its variables are only ever read
 def _net(p, channels=3, out_dim=8):
     module = patch_net(p, widths=1 / 16, out_dim=out_dim)
     variables = module.init(jax.random.key(p), jnp.zeros((1, p, p, channels)))
@@ -19,6 +22,15 @@ def _rel_err(a, b):
     return float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
 
 
+@functools.cache
+def _per_patch_reference(p, size):
+    """``(images, per_patch_apply(...))`` of :func:`test_dense_equals_per_patch`: the slow
+    reference (every patch through the network) is computed once for both methods."""
+    module, variables = _net(p)
+    images = jax.random.uniform(jax.random.key(7), (2, *size, 3))
+    return images, per_patch_apply(module, variables, images)
+
+
 @pytest.mark.parametrize("method", ["multipool", "atrous"])
 @pytest.mark.parametrize(
     "p, size",
@@ -26,8 +38,7 @@ def _rel_err(a, b):
 )
 def test_dense_equals_per_patch(p, size, method):
     module, variables = _net(p)
-    images = jax.random.uniform(jax.random.key(7), (2, *size, 3))
-    reference = per_patch_apply(module, variables, images)
+    images, reference = _per_patch_reference(p, size)
     dense = dense_apply(module, variables, images, patch_size=p, method=method)
     assert dense.shape == (2, *size, 8)
     assert _rel_err(dense, reference) <= 1e-4
