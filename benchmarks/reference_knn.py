@@ -31,6 +31,11 @@ flags.DEFINE_list("sizes", ["256"], "image sizes (the short side with --keep_asp
 flags.DEFINE_bool("keep_aspect", False, "keep the images' aspect (short side = size, ×8)")
 flags.DEFINE_integer("train_subset", 0, "use only this many training images (0 = all)")
 flags.DEFINE_integer("subset_seed", 0, "NumPy seed of --train_subset's draw")
+flags.DEFINE_bool(
+    "native_size", False,
+    "metrics at the test images' own size (masks read there, maps resized bilinearly to it), "
+    "as `ustad evaluate --native_size` measures the families",
+)  # fmt: skip
 
 
 def main(argv):
@@ -55,7 +60,10 @@ def main(argv):
             t0 = time.perf_counter()
             maps, scores = detector.score(data.test_images)
             score_s = time.perf_counter() - t0
-            metrics = category_metrics(maps, data.test_masks, data.test_labels, scores)
+            masks = data.test_masks
+            if FLAGS.native_size:
+                maps, masks = native_maps_and_masks(FLAGS.data_dir, category, maps)
+            metrics = category_metrics(maps, masks, data.test_labels, scores)
             emit(
                 {
                     "benchmark": "reference_knn",
@@ -66,6 +74,7 @@ def main(argv):
                     "train_images": len(train),
                     "train_subset_seed": FLAGS.subset_seed if FLAGS.train_subset else None,
                     "test_images": len(data.test_images),
+                    "evaluated_at": list(masks.shape[1:3]),
                     "recipe": RECIPE,
                     **{k: round(float(v), 4) for k, v in metrics.items()},
                     "load_s": round(load_s, 1),
@@ -74,6 +83,29 @@ def main(argv):
                     "end_to_end_s": round(load_s + fit_s + score_s, 1),
                 }
             )
+
+
+def native_maps_and_masks(data_dir, category, maps):
+    """``(maps, masks)`` at the test images' most common native size: the masks read there (only
+    the masks: the images are not decoded again), the maps resized bilinearly to it."""
+    import jax
+    import numpy as np
+
+    from ustad.data.images import read_image_size
+    from ustad.data.mvtec import category_folder, index_test, read_test_mask
+
+    entries = index_test(category_folder(data_dir, category))
+    sizes = [read_image_size(entry.image_path) for entry in entries]
+    if len(set(sizes)) != 1:
+        raise ValueError(
+            f"--native_size: the test images of {category} differ in size {set(sizes)}"
+        )
+    hw = sizes[0]
+    masks = np.stack([read_test_mask(entry, hw) for entry in entries])
+    resized = np.stack(
+        [np.asarray(jax.image.resize(m, hw, "bilinear"), np.float32) for m in np.asarray(maps)]
+    )
+    return resized, masks
 
 
 if __name__ == "__main__":

@@ -146,7 +146,8 @@ RESUME_SETTINGS = (
 def teacher_from_config(config, network, key) -> tuple[PyTree, str]:
     """The teacher's variables and a description of where they came from."""
     if config.teacher_weights == "random":
-        return network.init(key, jnp.zeros((1, 32, 32, 3), jnp.float32)), "random"
+        # Jitted: one compilation instead of one per initialiser and layer.
+        return jax.jit(network.init)(key, jnp.zeros((1, 32, 32, 3), jnp.float32)), "random"
     if config.teacher_weights != "imagenet":
         raise ValueError(
             f"--config.teacher_weights={config.teacher_weights!r}: 'imagenet' (pretrained) or "

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Every row of the category benchmark's table (issue 21) that benchmarks/results/categories_cpu.jsonl
+# does not hold yet, in order of cost, one run at a time (a killed run resumes: --skip_existing
+# skips finished rows, a half-trained workdir is resumed). About 6 h on 2 idle cores when no
+# row exists: the reference (~5 min), STFPM `cpu` before and after (~7 × 4–12 min each), the
+# Uninformed Students `cpu` preset before and after (~7 × 30 min each).
+#
+#   benchmarks/categories_all.sh                 # everything missing
+#   FAMILIES="stfpm" benchmarks/categories_all.sh
+#   python -m benchmarks.categories --table_only # the table so far
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+export JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}
+run() { "$PY" -m benchmarks.categories --skip_existing "$@"; }
+families=${FAMILIES:-"reference stfpm students"}
+# The presets as they were before issue 21: STFPM counted 3 epochs at the square size;
+# Uninformed Students normalised by mean/σ, kept the last step, counted epochs, square size.
+stfpm_before=train_steps=0,min_train_steps=0,epochs=3,keep_aspect=False
+students_before=score_normalization=moments,select=last,min_train_steps=0,keep_aspect=False
+for family in $families; do
+  case "$family" in
+    reference) run --family=reference --image_size=256 ;;
+    stfpm)
+      run --family=stfpm --config=cpu
+      run --family=stfpm --config=cpu --override=$stfpm_before --label=before ;;
+    students)
+      run --family=students --config=cpu
+      run --family=students --config=cpu --override=$students_before --label=before ;;
+    *) echo "categories_all.sh: unknown family $family (reference, stfpm, students)" >&2; exit 2 ;;
+  esac
+done
+"$PY" -m benchmarks.categories --table_only
