@@ -78,5 +78,12 @@ def compiled_stats(jitted, *args) -> dict:
     return stats
 
 
-def emit(record: dict) -> None:
-    print(json.dumps(record), flush=True)
+def emit(record: dict, out: str | None = None) -> None:
+    """Print ``record`` as one JSON line; with ``out``, also append it to that file (its folder
+    made if missing)."""
+    line = json.dumps(record)
+    print(line, flush=True)
+    if out:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out, "a") as f:
+            f.write(line + "\n")

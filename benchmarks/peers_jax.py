@@ -159,15 +159,7 @@ def stfpm_pieces(options):
     forward, grad = jax.jit(student_forward), jax.jit(student_grad)
     cached = steps.make_train_step(network, tx, cached_targets=True)
     full = steps.make_train_step(network, tx, cached_targets=False)
-    holder = {"cached": jax.tree.map(jnp.copy, students), "full": students}
-
-    def cached_call():
-        holder["cached"], losses = cached(holder["cached"], images, targets)
-        return losses
-
-    def full_call():
-        holder["full"], losses = full(holder["full"], images, teacher)
-        return losses
+    holder, cached_call, full_call = step_calls(cached, full, students, images, targets, teacher)
 
     return {
         "teacher_forward": (
@@ -182,6 +174,23 @@ def stfpm_pieces(options):
         ),
         "step": (full_call, xla_flops(full, holder["full"], images, teacher)),
     }  # fmt: skip
+
+
+def step_calls(cached, full, state, images, targets, teacher):
+    """``(holder, cached_call, full_call)``: the step on cached targets and the full step, each
+    called on its own copy of ``state`` (kept in ``holder`` under "cached" and "full", updated
+    by every call: the steps donate their state)."""
+    holder = {"cached": jax.tree.map(jnp.copy, state), "full": state}
+
+    def cached_call():
+        holder["cached"], losses = cached(holder["cached"], images, targets)
+        return losses
+
+    def full_call():
+        holder["full"], losses = full(holder["full"], images, teacher)
+        return losses
+
+    return holder, cached_call, full_call
 
 
 def students_pieces(options):
@@ -212,15 +221,7 @@ def students_pieces(options):
     grad = jax.jit(jax.value_and_grad(lambda q, x, t: student_loss(network, q, x, t)))
     cached = make_train_step(network, tx)
     full = make_train_step(network, tx, teacher=network)
-    holder = {"cached": jax.tree.map(jnp.copy, state), "full": state}
-
-    def cached_call():
-        holder["cached"], losses = cached(holder["cached"], images, targets)
-        return losses
-
-    def full_call():
-        holder["full"], losses = full(holder["full"], images, teacher)
-        return losses
+    holder, cached_call, full_call = step_calls(cached, full, state, images, targets, teacher)
 
     forward, first = dense_conv_flops(network, size, size)
     return {

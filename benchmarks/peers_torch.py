@@ -232,8 +232,9 @@ def anomalib_stfpm(options):
     return model
 
 
-def stfpm_step(options):
-    """One call = anomalib's training step: forward (teacher frozen), STFPMLoss, backward, SGD."""
+def stfpm_training_setup(options):
+    """anomalib's STFPM in training mode (teacher frozen), its loss, its optimizer
+    (``Stfpm.configure_optimizers``) and a random batch: what a training step needs."""
     options["torchvision_c_ops_missing"] = torchvision_without_c_ops()
     from anomalib.models.image.stfpm.loss import STFPMLoss
 
@@ -241,13 +242,17 @@ def stfpm_step(options):
     model = anomalib_stfpm(options)
     model.train()
     model.teacher_model.eval()
-    loss_fn = STFPMLoss()
-    # anomalib's Stfpm.configure_optimizers.
     optimizer = torch.optim.SGD(
         model.student_model.parameters(), lr=0.4, momentum=0.9, dampening=0.0, weight_decay=0.001
     )
     size = options["image_size"]
     images = torch.rand(options["batch"], 3, size, size)
+    return model, STFPMLoss(), optimizer, images
+
+
+def stfpm_step(options):
+    """One call = anomalib's training step: forward (teacher frozen), STFPMLoss, backward, SGD."""
+    model, loss_fn, optimizer, images = stfpm_training_setup(options)
 
     def call():
         optimizer.zero_grad(set_to_none=True)
@@ -315,19 +320,7 @@ def students_pieces(options):
 def stfpm_pieces(options):
     """The pieces of :func:`stfpm_step`: the teacher's forward, the student's forward (train
     mode), its forward and backward (no optimizer), the step on given teacher maps, the step."""
-    options["torchvision_c_ops_missing"] = torchvision_without_c_ops()
-    from anomalib.models.image.stfpm.loss import STFPMLoss
-
-    torch.manual_seed(0)
-    model = anomalib_stfpm(options)
-    model.train()
-    model.teacher_model.eval()
-    loss_fn = STFPMLoss()
-    optimizer = torch.optim.SGD(
-        model.student_model.parameters(), lr=0.4, momentum=0.9, dampening=0.0, weight_decay=0.001
-    )
-    size = options["image_size"]
-    images = torch.rand(options["batch"], 3, size, size)
+    model, loss_fn, optimizer, images = stfpm_training_setup(options)
     with torch.no_grad():
         targets = model.teacher_model(images)
     full, _ = stfpm_step(options)

@@ -290,11 +290,7 @@ def main(argv):
                 )
             if distill is not None:
                 record["distill"] = distill
-            emit(record)
-            if FLAGS.out:
-                Path(FLAGS.out).parent.mkdir(parents=True, exist_ok=True)
-                with open(FLAGS.out, "a") as f:
-                    f.write(json.dumps(record) + "\n")
+            emit(record, FLAGS.out)
 
 
 if __name__ == "__main__":

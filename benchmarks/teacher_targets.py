@@ -12,9 +12,7 @@ Cost: P (EfficientNet-Lite0) on ``--crops`` crops per line, seconds each on 2 CP
 
 from __future__ import annotations
 
-import json
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -83,11 +81,7 @@ def main(argv):
                     "total_variance": round(statistics["total_variance"], 4),
                     "seconds": round(time.perf_counter() - start, 2),
                 }
-                emit(record)
-                if FLAGS.out:
-                    Path(FLAGS.out).parent.mkdir(parents=True, exist_ok=True)
-                    with open(FLAGS.out, "a") as f:
-                        f.write(json.dumps(record) + "\n")
+                emit(record, FLAGS.out)
 
 
 if __name__ == "__main__":

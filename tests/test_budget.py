@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_training import FakeCheckpointer
 
 from ustad.selection import (
     keep_best_fn,
@@ -74,21 +75,6 @@ class _Clock:
         return self.now
 
 
-class _Saved:
-    def __init__(self):
-        self.saved = {}
-
-    def save(self, step, state, metadata):
-        self.saved[step] = (state, metadata)
-
-    def latest_intact(self):
-        return (max(self.saved), self.saved[max(self.saved)][1]) if self.saved else None
-
-    def restore_latest(self, target):
-        step = max(self.saved)
-        return step, *self.saved[step]
-
-
 def _budget_run(clock, budget, *, start=0, state=0.0, total=10, saved=None, events=None):
     events = [] if events is None else events
     first = [True]
@@ -103,7 +89,7 @@ def _budget_run(clock, budget, *, start=0, state=0.0, total=10, saved=None, even
         events.append(("final", step))
         return state
 
-    saved = _Saved() if saved is None else saved
+    saved = FakeCheckpointer() if saved is None else saved
     state = run_loop(
         step,
         state,
@@ -141,7 +127,7 @@ def test_a_budget_stops_at_the_first_step_past_it_without_counting_compilation()
 def test_a_resumed_run_gets_the_remainder_of_its_budget():
     # Killed after the checkpoint of step 2 (10 s spent): 20 s are left, i.e. the compilation
     # of the resumed process (free) and two more steps.
-    clock, saved = _Clock(), _Saved()
+    clock, saved = _Clock(), FakeCheckpointer()
     saved.save(2, 2.0, {"budget_seconds": 10.0})
     start, state, meta = resume(saved, None, lambda meta: None)
     budget = Budget(0.5, meta["budget_seconds"], clock=clock)
@@ -150,7 +136,7 @@ def test_a_resumed_run_gets_the_remainder_of_its_budget():
     # A budget already spent: one step (the first boundary), then the final hooks.
     clock = _Clock()
     budget = Budget(0.5, 31.0, clock=clock)
-    state, _, events = _budget_run(clock, budget, start=2, state=2.0, saved=_Saved())
+    state, _, events = _budget_run(clock, budget, start=2, state=2.0, saved=FakeCheckpointer())
     assert budget.stopped_at == 3 and state == 3.0 and events == [("step", 3), ("final", 3)]
 
 
