@@ -38,6 +38,8 @@ import subprocess
 import sys
 import time
 
+import numpy as np
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags  # noqa: E402
@@ -68,6 +70,11 @@ flags.DEFINE_list(
 )
 flags.DEFINE_bool("skip_existing", False, "skip runs already recorded in --results")
 flags.DEFINE_bool("table_only", False, "only print the table of --results")
+flags.DEFINE_bool(
+    "rescore", False,
+    "re-evaluate the recorded runs' trained workdirs (no training) and replace their lines, "
+    "keeping the training fields (e.g. to add metrics a newer version of this script records)",
+)  # fmt: skip
 
 CONFIG_FILES = {"stfpm": "stfpm", "students": "students"}
 
@@ -139,7 +146,8 @@ def run_reference(spec, data_dir, category, size, keep_aspect) -> dict:
     t3 = time.perf_counter()
     masks = square.masks if keep_aspect else square.test_masks
     labels = square.labels if keep_aspect else square.test_labels
-    metrics = category_metrics(_resized(maps, (size, size)), masks, labels, scores)
+    maps = _resized(maps, (size, size))
+    metrics = category_metrics(maps, masks, labels, scores)
     return {
         **_base(spec, (size, size), len(data.train_images)),
         "keep_aspect": keep_aspect,
@@ -149,6 +157,7 @@ def run_reference(spec, data_dir, category, size, keep_aspect) -> dict:
         "recipe": RECIPE,
         "test_images": len(data.test_images),
         **{k: round(float(v), 4) for k, v in metrics.items()},
+        "per_defect": per_defect(maps, masks, labels, scores, square.types),
         "fit_s": round(t2 - t1, 1),
         "score_s": round(t3 - t2, 1),
         "end_to_end_s": round(t3 - t0, 1),
@@ -157,11 +166,7 @@ def run_reference(spec, data_dir, category, size, keep_aspect) -> dict:
 
 def run_family(spec, data_dir, category, workdir) -> dict:
     from ustad import families
-    from ustad.checkpointing import workdir_metadata
     from ustad.cli.train import validate
-    from ustad.data.images import as_size
-    from ustad.data.mvtec import category_folder, index_train, load_mvtec_test
-    from ustad.evaluation.reports import category_metrics
 
     config = load_config(FLAGS.family, FLAGS.config, FLAGS.override)
     config.data_dir, config.category = str(data_dir), category
@@ -170,6 +175,23 @@ def run_family(spec, data_dir, category, workdir) -> dict:
     t0 = time.perf_counter()
     families.train(config, workdir)
     train_s = time.perf_counter() - t0
+    return {
+        **evaluate_workdir(spec, data_dir, category, workdir, config),
+        "train_minutes": round(train_s / 60, 2),
+        "resumed": resumed,
+    }
+
+
+def evaluate_workdir(spec, data_dir, category, workdir, config) -> dict:
+    """The record of a trained ``workdir`` but its training fields: the test set scored by the
+    workdir's detector, metrics at the preset's square size (also per defect type and with
+    σ = SMOOTH_SIGMA smoothing)."""
+    from ustad import families
+    from ustad.checkpointing import workdir_metadata
+    from ustad.data.images import as_size
+    from ustad.data.mvtec import category_folder, index_train, load_mvtec_test
+    from ustad.evaluation.reports import category_metrics
+
     size = as_size(config.image_size)
     meta = workdir_metadata(workdir) or {}  # (none for a multi-scale Uninformed Students run)
     own = tuple(meta.get("image_size") or size)
@@ -182,7 +204,9 @@ def run_family(spec, data_dir, category, workdir) -> dict:
     t1 = time.perf_counter()
     maps, scores = detector.score(images)
     score_s = time.perf_counter() - t1
-    metrics = category_metrics(_resized(maps, size), test.masks, test.labels, scores)
+    smoothed = smoothed_variant(maps, detector, size, test)
+    maps = _resized(maps, size)
+    metrics = category_metrics(maps, test.masks, test.labels, scores)
     return {
         **_base(spec, size, len(index_train(folder))),
         "keep_aspect": own != size,
@@ -200,10 +224,88 @@ def run_family(spec, data_dir, category, workdir) -> dict:
         "selected_epochs": meta.get("selected_epochs"),
         "test_images": len(test.images),
         **{k: round(float(v), 4) for k, v in metrics.items()},
-        "train_minutes": round(train_s / 60, 2),
-        "resumed": resumed,
+        "per_defect": per_defect(maps, test.masks, test.labels, scores, test.types),
+        # The same maps smoothed by a Gaussian of σ = SMOOTH_SIGMA pixels at the model's own
+        # size before the image score (as ``ustad score --smooth_sigma``; the reference smooths).
+        f"sigma{SMOOTH_SIGMA:g}": smoothed,
         "score_s": round(score_s, 1),
     }
+
+
+TRAINING_FIELDS = ("date", "commit", "train_minutes", "resumed")
+
+
+def rescore(specs) -> None:
+    """``--rescore``: each recorded run of ``--family``/``--config``/``--override``/``--label``
+    on ``specs`` whose workdir is there is evaluated again and its line replaced (the training
+    fields kept, ``rescored`` added); the file is rewritten atomically."""
+    import json
+
+    from ustad.io import atomic_write
+
+    records = cats.load_records([FLAGS.results])
+    for spec in specs:
+        key = (spec.name, FLAGS.family, FLAGS.config, tuple(FLAGS.override), FLAGS.label)
+        found = [i for i, r in enumerate(records) if cats.run_key(r) == key]
+        if not found:
+            print(f"rescore: no recorded run {key} in {FLAGS.results}", file=sys.stderr)
+            continue
+        old = records[found[-1]]
+        workdir = old.get("workdir")
+        if not workdir or not os.path.isdir(workdir):
+            print(f"rescore: {spec.name}: workdir {workdir!r} is not here", file=sys.stderr)
+            continue
+        data_dir, category = cats.prepare_category(spec, FLAGS.shared_data, FLAGS.work_dir)
+        config = load_config(FLAGS.family, FLAGS.config, FLAGS.override)
+        config.data_dir, config.category = str(data_dir), category
+        record = evaluate_workdir(spec, data_dir, category, workdir, config)
+        record.update({k: old[k] for k in TRAINING_FIELDS if k in old})
+        record["rescored"] = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+        print(json.dumps(record), flush=True)
+        # Read again: another run may have appended a line while this one was scoring.
+        records = cats.load_records([FLAGS.results])
+        index = [i for i, r in enumerate(records) if cats.run_key(r) == key][-1]
+        records[index] = record
+        text = "".join(json.dumps(r) + "\n" for r in records)
+        atomic_write(FLAGS.results, text.encode())
+
+
+SMOOTH_SIGMA = 4.0
+
+
+def smoothed_variant(maps, detector, size, test) -> dict:
+    """Metrics (and per defect) of ``maps`` smoothed by σ = SMOOTH_SIGMA at their own size, the
+    image scores reduced from them as ``detector`` does (identical to scoring with
+    ``smooth_sigma``)."""
+    import jax.numpy as jnp
+
+    from ustad.detector import reduce_maps, smooth_maps
+    from ustad.evaluation.reports import category_metrics
+
+    maps = smooth_maps(maps, SMOOTH_SIGMA)
+    scores = np.asarray(reduce_maps(jnp.asarray(maps), detector.reduction, detector.top_k))
+    maps = _resized(maps, size)
+    metrics = category_metrics(maps, test.masks, test.labels, scores)
+    return {
+        **{k: round(float(v), 4) for k, v in metrics.items()},
+        "per_defect": per_defect(maps, test.masks, test.labels, scores, test.types),
+    }
+
+
+def per_defect(maps, masks, labels, scores, types) -> dict:
+    """Metrics of each defect type against the good test images (its images and the good ones):
+    which kind of defect a detector misses, e.g. ``{"stain": {"image_auroc": …, "au_pro": …}}``."""
+    from ustad.evaluation.reports import category_metrics
+
+    maps, masks, labels, scores = (np.asarray(a) for a in (maps, masks, labels, scores))
+    types = np.asarray(types)
+    good = labels == 0
+    out = {}
+    for kind in sorted(set(types[~good].tolist())):
+        keep = good | (types == kind)
+        m = category_metrics(maps[keep], masks[keep], labels[keep], scores[keep])
+        out[kind] = {k: round(float(m[k]), 4) for k in ("image_auroc", "au_pro")}
+    return out
 
 
 def _resized(maps, size):
@@ -256,6 +358,12 @@ def main(argv):
         return
     if FLAGS.family != "reference":
         load_config(FLAGS.family, FLAGS.config, FLAGS.override)  # bad preset/field: fail first
+    if FLAGS.rescore:
+        if FLAGS.family == "reference":
+            raise app.UsageError("--rescore re-evaluates trained workdirs: not --family=reference")
+        rescore(specs)
+        _print_table(names)
+        return
     suffix = f"_{FLAGS.label}" if FLAGS.label else ""
     for spec in specs:
         if FLAGS.skip_existing and _done(spec):

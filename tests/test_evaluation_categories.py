@@ -166,3 +166,19 @@ def test_run_key_separates_variants():
     before = {**after, "overrides": ["train_steps=0", "epochs=3"], "label": "before"}
     assert cats.run_key(after) != cats.run_key(before)
     assert cats.run_key(after) == cats.run_key({**after, "image_auroc": 0.1})
+
+
+def test_per_defect_metrics_tell_which_kind_of_defect_is_missed():
+    from benchmarks.categories import per_defect
+
+    rng = np.random.default_rng(0)
+    labels = np.array([0] * 4 + [1] * 8)
+    types = ["good"] * 4 + ["seen"] * 4 + ["missed"] * 4
+    masks = np.zeros((12, 16, 16), bool)
+    masks[4:, 4:8, 4:8] = True
+    maps = rng.random((12, 16, 16)).astype(np.float32)
+    maps[4:8, 4:8, 4:8] += 1.0  # only the "seen" defects stand out
+    result = per_defect(maps, masks, labels, maps.reshape(12, -1).max(1), types)
+    assert set(result) == {"seen", "missed"}
+    assert result["seen"] == {"image_auroc": 1.0, "au_pro": 1.0}
+    assert result["missed"]["image_auroc"] < 0.8 and result["missed"]["au_pro"] < 0.3
