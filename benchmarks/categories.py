@@ -146,6 +146,7 @@ def run_reference(spec, data_dir, category, size, keep_aspect) -> dict:
     t3 = time.perf_counter()
     masks = square.masks if keep_aspect else square.test_masks
     labels = square.labels if keep_aspect else square.test_labels
+    types = square.types if keep_aspect else square.test_types
     maps = _resized(maps, (size, size))
     metrics = category_metrics(maps, masks, labels, scores)
     return {
@@ -157,7 +158,7 @@ def run_reference(spec, data_dir, category, size, keep_aspect) -> dict:
         "recipe": RECIPE,
         "test_images": len(data.test_images),
         **{k: round(float(v), 4) for k, v in metrics.items()},
-        "per_defect": per_defect(maps, masks, labels, scores, square.types),
+        "per_defect": per_defect(maps, masks, labels, scores, types),
         "fit_s": round(t2 - t1, 1),
         "score_s": round(t3 - t2, 1),
         "end_to_end_s": round(t3 - t0, 1),
@@ -346,6 +347,35 @@ def _print_table(names) -> None:
     records = [r for r in cats.load_records([FLAGS.results]) if r.get("category") in names]
     references = cats.load_records(FLAGS.reference_results)
     print(cats.format_table(cats.table_rows(records, references)))
+    if any("per_defect" in r for r in records):
+        print()
+        print(defect_table(records))
+
+
+def defect_table(records) -> str:
+    """A Markdown table of the records that hold per-defect metrics: for each run, image AUROC
+    / AU-PRO of each defect type against the good images, unsmoothed and with σ = 4."""
+    rows = [
+        "| category | family, preset | smoothing | image AUROC / AU-PRO per defect type |",
+        "|---|---|---|---|",
+    ]
+    for record in records:
+        if "per_defect" not in record:
+            continue
+        name = f"{record['family']} {record.get('config', '')}".strip()
+        if record.get("label"):
+            name += f" ({record['label']})"
+        variants = [("none", record["per_defect"])]
+        smoothed = record.get(f"sigma{SMOOTH_SIGMA:g}")
+        if smoothed:
+            variants.append((f"σ = {SMOOTH_SIGMA:g}", smoothed["per_defect"]))
+        for label, defects in variants:
+            cells = ", ".join(
+                f"{kind} {m['image_auroc']:.3f} / {m['au_pro']:.3f}"
+                for kind, m in sorted(defects.items())
+            )
+            rows.append(f"| {record['category']} | {name} | {label} | {cells} |")
+    return "\n".join(rows)
 
 
 def main(argv):
