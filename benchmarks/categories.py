@@ -310,10 +310,14 @@ def per_defect(maps, masks, labels, scores, types) -> dict:
 
 
 def _resized(maps, size):
-    """``[N, H, W]`` maps bilinearly resized to ``size`` (as they are when already)."""
-    from ustad.detector import resize_images
+    """``[N, H, W]`` maps bilinearly resized to ``size`` (as they are when already). Not
+    :func:`ustad.detector.resize_images`: that one is for images and clips to [0, 1]."""
+    import jax
 
-    return resize_images(maps[..., None], tuple(size))[..., 0]
+    maps = np.asarray(maps, np.float32)
+    if tuple(maps.shape[1:3]) == tuple(size):
+        return maps
+    return np.asarray(jax.image.resize(maps, (len(maps), *size), "linear"))
 
 
 def _done(spec) -> bool:

@@ -182,3 +182,13 @@ def test_per_defect_metrics_tell_which_kind_of_defect_is_missed():
     assert set(result) == {"seen", "missed"}
     assert result["seen"] == {"image_auroc": 1.0, "au_pro": 1.0}
     assert result["missed"]["image_auroc"] < 0.8 and result["missed"]["au_pro"] < 0.3
+
+
+def test_maps_are_resized_without_clipping_to_the_unit_range():
+    from benchmarks.categories import _resized
+
+    maps = np.linspace(0.0, 30.0, 2 * 8 * 20, dtype=np.float32).reshape(2, 8, 20)
+    out = _resized(maps, (8, 8))
+    assert out.shape == (2, 8, 8)
+    assert out.max() > 20 and np.ptp(out[0]) > 1  # an image resize would clip them to [0, 1]
+    assert _resized(maps, (8, 20)) is not None and np.array_equal(_resized(maps, (8, 20)), maps)
