@@ -360,8 +360,8 @@ def defect_table(records) -> str:
     """A Markdown table of the records that hold per-defect metrics: for each run, image AUROC
     / AU-PRO of each defect type against the good images, unsmoothed and with σ = 4."""
     rows = [
-        "| category | family, preset | smoothing | image AUROC / AU-PRO per defect type |",
-        "|---|---|---|---|",
+        "| category | size | family, preset | smoothing | image AUROC / AU-PRO per defect type |",
+        "|---|---|---|---|---|",
     ]
     for record in records:
         if "per_defect" not in record:
@@ -378,7 +378,8 @@ def defect_table(records) -> str:
                 f"{kind} {m['image_auroc']:.3f} / {m['au_pro']:.3f}"
                 for kind, m in sorted(defects.items())
             )
-            rows.append(f"| {record['category']} | {name} | {label} | {cells} |")
+            size = cats.record_size(record)
+            rows.append(f"| {record['category']} | {size} | {name} | {label} | {cells} |")
     return "\n".join(rows)
 
 

@@ -300,7 +300,7 @@ def table_rows(records: Iterable[Mapping], references: Sequence[Mapping]) -> lis
             "category": record["category"],
             "run": _run_name(record),
             "train_images": record["train_images"],
-            "image_size": _size(record),
+            "image_size": record_size(record),
             "train_minutes": record.get("train_minutes"),
         }
         for metric in METRICS:
@@ -311,7 +311,7 @@ def table_rows(records: Iterable[Mapping], references: Sequence[Mapping]) -> lis
     return rows
 
 
-def _size(record: Mapping) -> str:
+def record_size(record: Mapping) -> str:
     """The metrics' size, and the model's own where it differs (e.g. ``256×256 (256×624)``)."""
     size = "×".join(str(s) for s in record["image_size"])
     own = record.get("train_size")
