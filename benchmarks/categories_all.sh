@@ -15,9 +15,13 @@ export JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}
 run() { "$PY" -m benchmarks.categories --skip_existing "$@"; }
 families=${FAMILIES:-"reference stfpm students"}
 # The presets as they were before issue 21: STFPM counted 3 epochs at the square size;
-# Uninformed Students normalised by mean/σ, kept the last step, counted epochs, square size.
+# Uninformed Students counted 10 / 12 epochs per scale, held out 10 % of the images (no
+# minimum), normalised by mean/σ, kept the last step, square size. (CSV: a field holding a comma
+# is quoted, a quote inside it doubled.)
 stfpm_before=train_steps=0,min_train_steps=0,epochs=3,keep_aspect=False
-students_before=score_normalization=moments,select=last,min_train_steps=0,keep_aspect=False
+students_before='"scale_epochs={""p17"": 10, ""p33"": 12}",scale_train_steps={},epochs=12'
+students_before+=,min_train_steps=0,val_min_images=0,score_normalization=moments,select=last
+students_before+=,keep_aspect=False
 for family in $families; do
   case "$family" in
     reference) run --family=reference --image_size=256 ;;

@@ -192,3 +192,30 @@ def test_maps_are_resized_without_clipping_to_the_unit_range():
     assert out.shape == (2, 8, 8)
     assert out.max() > 20 and np.ptp(out[0]) > 1  # an image resize would clip them to [0, 1]
     assert _resized(maps, (8, 20)) is not None and np.array_equal(_resized(maps, (8, 20)), maps)
+
+
+def test_before_override_restores_epochs_per_scale():
+    """The students' ``cpu`` preset as it was before issue 21 (10 / 12 epochs per scale, a 10 %
+    hold-out): ``scale_epochs`` is not a field of the preset, yet an override may give it; a
+    misspelt field is still refused."""
+    import csv
+
+    from benchmarks.categories import load_config
+    from ustad.uninformed_students.schedule import scale_schedule
+
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "categories_all.sh"
+    text = script.read_text(encoding="utf-8")
+    parts = [
+        line.split("=", 1)[1].removeprefix("+").strip("'")
+        for line in text.splitlines()
+        if line.startswith("students_before")
+    ]
+    items = next(csv.reader(["".join(parts)]))
+    config = load_config("students", "cpu", items)
+    assert scale_schedule(config, 17, 16) == (160, 0)  # 10 epochs, no floor of updates
+    assert scale_schedule(config, 33, 16) == (192, 0)
+    assert config.val_min_images == 0 and config.select == "last"
+    with pytest.raises(ValueError, match="scale_epoch="):
+        load_config("students", "cpu", ["scale_epoch={}"])
