@@ -8,6 +8,10 @@ For each ``NAME=WORKDIR[:PROBED]`` this writes the workdir's teacher as a float1
 the device, the wall time of its training (``shipping.training_minutes``), and the figures of
 every probe line whose teacher source is ``PROBED`` (default: the workdir), per dataset
 (``shipping.probe_summary``). Prints the manifest entries as JSON lines.
+
+``--recipes_only`` adds to every manifest entry that lacks one the recipe of its shipped file
+(target, P's input, D's initialisation, learning rate, loss weights, steps), read from the
+file's header; no file changes.
 """
 
 from __future__ import annotations
@@ -24,12 +28,18 @@ FLAGS = flags.FLAGS
 flags.DEFINE_list("ship", None, "NAME=WORKDIR[:PROBED_SOURCE] items")
 flags.DEFINE_list("probes", [], "teacher_quality JSON-line files")
 flags.DEFINE_bool("allow_unfinished", False, "ship runs stopped before their last step")
+flags.DEFINE_bool("recipes_only", False, "only add missing recipes to the manifest's entries")
 
 
 def main(argv):
     del argv
     from ustad.uninformed_students.teacher import shipping
 
+    if FLAGS.recipes_only:
+        print(json.dumps({"recipes_added": shipping.add_recipes()}))
+        return
+    if not FLAGS.ship:
+        raise app.UsageError("--ship NAME=WORKDIR[:PROBED],… (or --recipes_only)")
     lines = []
     for path in FLAGS.probes:
         lines += [json.loads(text) for text in Path(path).read_text().splitlines() if text.strip()]
@@ -50,5 +60,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    flags.mark_flags_as_required(["ship"])
     app.run(main)

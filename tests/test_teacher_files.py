@@ -194,6 +194,32 @@ def test_list_teachers_and_shipped_files_are_checked(trained, tmp_path, monkeypa
         teacher.load_teacher("tiny")
 
 
+def test_manifest_entries_without_a_recipe_get_it_from_their_file(trained, tmp_path, monkeypatch):
+    shipped = tmp_path / "shipped"
+    monkeypatch.setattr(catalog, "shipped_dir", lambda: shipped)
+    entry = shipping.ship_teacher(trained, "tiny")
+    manifest = json.loads((shipped / "MANIFEST.json").read_text())
+    del manifest["teachers"][0]["recipe"]  # as written before recipes were recorded
+    (shipped / "MANIFEST.json").write_text(json.dumps(manifest))
+    assert shipping.add_recipes() == ["tiny"]
+    again = catalog.read_manifest()["tiny"]
+    assert again["recipe"] == entry["recipe"] and again["recipe"]["steps"] == 4
+    assert again["recipe"]["target"] == "head"
+    assert shipping.add_recipes() == []  # nothing left to add
+
+
+def test_every_shipped_teacher_records_its_recipe():
+    """Issue 23: the shipped manifest says how each teacher was trained (target, P's input, D's
+    initialisation, optimisation)."""
+    entries = catalog.read_manifest()
+    assert entries, "no shipped teachers"
+    for name, entry in entries.items():
+        recipe = entry.get("recipe")
+        assert recipe, f"{name}: no recipe in MANIFEST.json"
+        assert {"target", "init_decoder", "learning_rate", "lambda_c", "steps"} <= set(recipe)
+        assert recipe["steps"] == entry["steps"]
+
+
 def test_teacher_modules_import_in_one_direction():
     import ast
     from pathlib import Path

@@ -72,6 +72,28 @@ def ship_teacher(
     return entry
 
 
+def add_recipes() -> list[str]:
+    """Maintainers: give every manifest entry that lacks it the ``recipe`` of its teacher, read
+    from the shipped file's header (its SHA-256 checked): entries written before recipes were
+    recorded. Files are not touched. Returns the names given a recipe."""
+    folder = catalog.shipped_dir()
+    entries = catalog.read_manifest()
+    added = []
+    for name, entry in entries.items():
+        if "recipe" in entry:
+            continue
+        _, _, header = read_teacher_file(folder / entry["file"], sha256=entry["sha256"])
+        entry["recipe"] = recipe(header)
+        added.append(name)
+    if added:
+        manifest = {
+            "format": "ustad-teachers-manifest/1",
+            "teachers": sorted(entries.values(), key=lambda e: e["name"]),
+        }
+        atomic_write(folder / catalog.MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
+    return added
+
+
 def recipe(header: dict) -> dict:
     """How a teacher was trained, from its file header: the target (issue 23; teachers written
     before target options distilled P's pooled head), P's input, D's initialisation and the
