@@ -197,7 +197,7 @@ def evaluate_workdir(spec, data_dir, category, workdir, config) -> dict:
     from ustad.evaluation.reports import category_metrics
 
     size = as_size(config.image_size)
-    meta = workdir_metadata(workdir) or {}  # (none for a multi-scale Uninformed Students run)
+    meta = training_metadata(workdir, workdir_metadata)
     own = tuple(meta.get("image_size") or size)
     folder = category_folder(data_dir, category)
     test = load_mvtec_test(folder, image_size=size)
@@ -226,6 +226,8 @@ def evaluate_workdir(spec, data_dir, category, workdir, config) -> dict:
         "val_images": meta.get("val_images"),
         "updates": meta.get("total_steps"),
         "selected_epochs": meta.get("selected_epochs"),
+        "selected_steps": meta.get("selected_steps"),
+        "val_loss_flattened": meta.get("val_loss_flattened"),
         "test_images": len(test.images),
         **{k: round(float(v), 4) for k, v in metrics.items()},
         "per_defect": per_defect(maps, test.masks, test.labels, scores, test.types),
@@ -234,6 +236,36 @@ def evaluate_workdir(spec, data_dir, category, workdir, config) -> dict:
         f"sigma{SMOOTH_SIGMA:g}": smoothed,
         "score_s": round(score_s, 1),
     }
+
+
+def training_metadata(workdir, read=None) -> dict:
+    """What a trained workdir says of its training: its newest checkpoint's metadata, or for a
+    multi-scale Uninformed Students run (one ``p<p>/`` folder per scale, none at the top) the
+    scales' metadata merged: ``image_size`` (all scales train at one size; a kept aspect is
+    that size), and per scale ``{"p17": …}`` the updates (``total_steps``), ``selected_steps``
+    and ``val_loss_flattened``. ``read``: the metadata reader (default
+    :func:`ustad.checkpointing.workdir_metadata`)."""
+    if read is None:
+        from ustad.checkpointing import workdir_metadata as read
+    meta = read(workdir)
+    if meta is not None:
+        return meta
+    from pathlib import Path
+
+    scales = {}
+    for folder in sorted(Path(workdir).glob("p*")):
+        scale = read(folder) if folder.is_dir() and folder.name[1:].isdigit() else None
+        if scale is not None:
+            scales[folder.name] = scale
+    if not scales:
+        return {}
+    sizes = {tuple(m["image_size"]) for m in scales.values() if m.get("image_size")}
+    if len(sizes) > 1:
+        raise ValueError(f"{workdir}: its scales trained at different sizes {sorted(sizes)}")
+    merged = {"image_size": list(sizes.pop()) if sizes else None}
+    for field in ("total_steps", "selected_steps", "val_loss_flattened"):
+        merged[field] = {name: m.get(field) for name, m in scales.items()}
+    return merged
 
 
 TRAINING_FIELDS = ("date", "commit", "train_minutes", "resumed")

@@ -2,6 +2,7 @@
 the table with its "÷ reference" columns."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -219,3 +220,31 @@ def test_before_override_restores_epochs_per_scale():
     assert config.val_min_images == 0 and config.select == "last"
     with pytest.raises(ValueError, match="scale_epoch="):
         load_config("students", "cpu", ["scale_epoch={}"])
+
+
+def test_a_multi_scale_workdir_reports_its_scales_size_and_updates(tmp_path):
+    """A multi-scale Uninformed Students workdir has no checkpoint at its top: its size (a kept
+    aspect) and updates come from its scales, or the benchmark would score squashed images with
+    a model trained at another shape."""
+    from benchmarks.categories import training_metadata
+
+    metas = {
+        "p17": {"image_size": [128, 312], "total_steps": 940, "selected_steps": [940, 900, 940],
+                "val_loss_flattened": False},
+        "p33": {"image_size": [128, 312], "total_steps": 1128, "selected_steps": [1128] * 3,
+                "val_loss_flattened": True},
+    }  # fmt: skip
+    for name in (*metas, "plots"):
+        (tmp_path / name).mkdir()
+
+    def read(folder):
+        return metas.get(os.path.basename(folder))
+
+    meta = training_metadata(tmp_path, read)
+    assert meta["image_size"] == [128, 312]
+    assert meta["total_steps"] == {"p17": 940, "p33": 1128}
+    assert meta["val_loss_flattened"] == {"p17": False, "p33": True}
+    assert training_metadata(tmp_path / "plots", read) == {}
+    metas["p33"]["image_size"] = [128, 128]
+    with pytest.raises(ValueError, match="different sizes"):
+        training_metadata(tmp_path, read)
