@@ -19,7 +19,7 @@ families=${FAMILIES:-"reference stfpm students"}
 # minimum), normalised by mean/σ, kept the last step, square size. (CSV: a field holding a comma
 # is quoted, a quote inside it doubled.)
 stfpm_before=train_steps=0,min_train_steps=0,epochs=3,keep_aspect=False
-students_before='"scale_epochs={""p17"": 10, ""p33"": 12}",scale_train_steps={},epochs=12'
+students_before='"scale_epochs={""p17"":10,""p33"":12}",scale_train_steps={},epochs=12'
 students_before+=,min_train_steps=0,val_min_images=0,score_normalization=moments,select=last
 students_before+=,keep_aspect=False
 for family in $families; do
@@ -27,10 +27,10 @@ for family in $families; do
     reference) run --family=reference --image_size=256 ;;
     stfpm)
       run --family=stfpm --config=cpu
-      run --family=stfpm --config=cpu --override=$stfpm_before --label=before ;;
+      run --family=stfpm --config=cpu --override="$stfpm_before" --label=before ;;
     students)
       run --family=students --config=cpu
-      run --family=students --config=cpu --override=$students_before --label=before ;;
+      run --family=students --config=cpu --override="$students_before" --label=before ;;
     *) echo "categories_all.sh: unknown family $family (reference, stfpm, students)" >&2; exit 2 ;;
   esac
 done
