@@ -259,6 +259,10 @@ def test_training_minutes_count_steps_at_their_rates_across_a_resume(tmp_path):
     ]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     assert shipping.training_minutes(tmp_path) == round(270 / 60, 1)
+    # Continued from a 6,000-step file: the first record covers one interval, not 6,100 steps.
+    records = [{"step": 6100, "steps_per_s": 10.0}, {"step": 6200, "steps_per_s": 20.0}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert shipping.training_minutes(tmp_path) == round(15 / 60, 1)
 
 
 def test_probe_summary_keeps_the_smoothed_figures_of_one_teacher():

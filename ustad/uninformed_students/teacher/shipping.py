@@ -117,11 +117,17 @@ def recipe(header: dict) -> dict:
 def training_minutes(workdir: str | os.PathLike) -> float:
     """Wall minutes a teacher workdir trained for, from its ``metrics.jsonl``: the first record's
     steps at its rate, then each interval at the rate logged at its end (a run resumed after a
-    stop is counted by its steps, not by the gap between the sessions)."""
+    stop is counted by its steps, not by the gap between the sessions). A run continued from
+    another teacher's file (``--config.init_from``) logs its first record at that file's step
+    plus one logging interval: the first record counts at most one interval (the step gap to the
+    second record), not the steps the file had already trained."""
     text = (Path(workdir) / "metrics.jsonl").read_text()
     records = [json.loads(line) for line in text.splitlines() if line.strip()]
     first = records[0]
-    seconds = first["step"] / first["steps_per_s"]
+    first_steps = first["step"]
+    if len(records) > 1:
+        first_steps = min(first_steps, records[1]["step"] - first["step"])
+    seconds = first_steps / first["steps_per_s"]
     for before, after in zip(records, records[1:], strict=False):
         seconds += (after["step"] - before["step"]) / after["steps_per_s"]
     return round(seconds / 60, 1)
