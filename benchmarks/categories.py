@@ -79,7 +79,10 @@ flags.DEFINE_bool(
 CONFIG_FILES = {"stfpm": "stfpm", "students": "students"}
 # Fields a preset may leave unset that an override may still give (the students' per-scale
 # epochs: the ``cpu`` preset before issue 21 counted 10 / 12 epochs per scale).
-OPTIONAL_FIELDS = {"stfpm": (), "students": ("scale_epochs", "scale_train_steps")}
+OPTIONAL_FIELDS = {
+    "stfpm": (),
+    "students": ("scale_epochs", "scale_train_steps", "scale_teachers"),
+}
 
 
 def load_config(family: str, name: str, overrides):

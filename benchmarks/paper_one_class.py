@@ -105,6 +105,9 @@ def main(argv):
             "schedule": config.schedule,
             "teacher": teacher_dir,
             "teacher_channels": teacher_channels,
+            # A name's file can change (issue 23 shipped a new p33_small): say which it was.
+            "teacher_target": (teacher_meta.get("target") or {}).get("name", "head"),
+            "teacher_steps": teacher_meta.get("step"),
             "padding": config.students.padding,
             "epochs": config.students.epochs,
             "num_students": config.students.num_students,

@@ -202,6 +202,7 @@ def test_before_override_restores_epochs_per_scale():
     import csv
 
     from benchmarks.categories import load_config
+    from ustad.uninformed_students.config import scale_teacher_name, validate
     from ustad.uninformed_students.schedule import scale_schedule
 
     from pathlib import Path
@@ -218,6 +219,15 @@ def test_before_override_restores_epochs_per_scale():
     assert scale_schedule(config, 17, 16) == (160, 0)  # 10 epochs, no floor of updates
     assert scale_schedule(config, 33, 16) == (192, 0)
     assert config.val_min_images == 0 and config.select == "last"
+    # The rows before issue 23's p33_small keep the p = 33 teacher they were trained with.
+    (teachers,) = [
+        line.split("=", 1)[1].strip("'") for line in text.splitlines()
+        if line.startswith("old_teachers=")
+    ]  # fmt: skip
+    config = load_config("students", "cpu", next(csv.reader([teachers])))
+    assert scale_teacher_name(config, 33) == "p33_small_head"
+    assert scale_teacher_name(config, 17) == "p17_small"
+    validate(config)  # the shipped head-target teacher resolves by that name
     with pytest.raises(ValueError, match="scale_epoch="):
         load_config("students", "cpu", ["scale_epoch={}"])
 

@@ -129,6 +129,33 @@ def test_students_config_takes_a_teacher_by_name(trained, tmp_path, monkeypatch)
     )
 
 
+def test_one_scale_takes_its_own_teacher_over_the_template(trained, tmp_path, monkeypatch):
+    """``scale_teachers`` names one scale's teacher (e.g. the one a shipped name held before a
+    new teacher took it); the other scales keep ``teacher_workdir``'s template."""
+    import jax
+    import ml_collections
+
+    from ustad.uninformed_students import config as students_config
+    from ustad.uninformed_students import targets as student_targets
+
+    monkeypatch.setenv("USTAD_TEACHERS", str(tmp_path))
+    catalog.export_teacher(trained, tmp_path / "old.teacher.npz")
+    config = ml_collections.ConfigDict(
+        {"teacher_workdir": "absent{p}", "scale_teachers": {"p17": "old"}}
+    )
+    assert students_config.scale_teacher_name(config, 17) == "old"
+    assert students_config.scale_teacher_name(config, 33) == "absent33"
+    _, _, source = student_targets.teacher_from_config(config, 17, 3, jax.random.key(0))
+    assert source == str((tmp_path / "old.teacher.npz").resolve())
+    full = students_config.students_config("p17")
+    full.scale_teachers = {"p17": "old"}
+    full.teacher_workdir = "absent{p}"
+    students_config.validate(full)  # the template's p17 teacher does not exist: not asked for
+    full.scale_teachers = {"p18": "old"}
+    with pytest.raises(ValueError, match="scale_teachers.p18"):
+        students_config.validate(full)
+
+
 def test_decoder_travels_with_the_file_and_training_continues_from_it(trained, tmp_path):
     path = tmp_path / "t.teacher.npz"
     catalog.export_teacher(trained, path)
@@ -263,6 +290,36 @@ def test_training_minutes_count_steps_at_their_rates_across_a_resume(tmp_path):
     records = [{"step": 6100, "steps_per_s": 10.0}, {"step": 6200, "steps_per_s": 20.0}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     assert shipping.training_minutes(tmp_path) == round(15 / 60, 1)
+
+
+def test_probe_summary_merges_one_teachers_lines_under_several_paths():
+    def figures(value):
+        return {"raw": {}, "smoothed_sigma4": dict.fromkeys(FIGURES, value)}
+
+    grid = {
+        "teacher": {"source": "snap.npz"},
+        "dataset": "bottle@128",
+        "grid": {"figures": figures(0.9)},
+    }
+    verdict = {
+        "teacher": {"source": "copy.npz"},
+        "dataset": "bottle@128",
+        "student": {"figures": figures(0.8), "settings": {"steps": 1128}},
+    }
+    summary = shipping.probe_summary([grid, verdict], ["snap.npz", "copy.npz"])
+    assert summary == {
+        "bottle@128": {
+            "grid_probe": dict.fromkeys(FIGURES, 0.9),
+            "student_probe": dict.fromkeys(FIGURES, 0.8),
+            "student_probe_updates": 1128,
+        }
+    }
+    assert shipping.probe_summary([grid, verdict], "snap.npz") == {
+        "bottle@128": {"grid_probe": dict.fromkeys(FIGURES, 0.9)}
+    }
+
+
+FIGURES = ("au_pro", "pixel_auroc", "image_auroc")
 
 
 def test_probe_summary_keeps_the_smoothed_figures_of_one_teacher():

@@ -42,7 +42,9 @@ def students_base_config() -> ml_collections.ConfigDict:
 
     # Networks. The teacher: a name (the teachers shipped with ustad: `ustad teachers` lists
     # them), a teacher file or a teacher workdir; "{p}" is replaced by the patch size; "random"
-    # = an untrained teacher (smoke only).
+    # = an untrained teacher (smoke only). An optional ``scale_teachers`` ({"p33": name, ...})
+    # names one scale's teacher instead (e.g. a scale's teacher as it was before a new one was
+    # shipped under its name).
     config.patch_sizes = (65,)
     config.teacher_workdir = "p{p}"
     config.teacher_widths = None  # only for a random teacher: None = paper widths
@@ -373,6 +375,12 @@ def validate(config: ml_collections.ConfigDict, workdir: str | None = None) -> N
         for p_name, count in (config.get(field) or {}).items():
             if isinstance(count, bool) or not isinstance(count, int) or count < 1:
                 raise ValueError(f"--config.{field}.{p_name}={count!r}: must be an integer ≥ 1")
+    for p_name, name in (config.get("scale_teachers") or {}).items():
+        if p_name not in ("p17", "p33", "p65") or not isinstance(name, str) or not name:
+            raise ValueError(
+                f"--config.scale_teachers.{p_name}={name!r}: a teacher name, file or workdir "
+                f"per scale p17, p33 or p65"
+            )
     sizes = tuple(config.patch_sizes)
     if not sizes or any(p not in (17, 33, 65) for p in sizes) or len(set(sizes)) != len(sizes):
         raise ValueError(
@@ -386,12 +394,20 @@ def validate(config: ml_collections.ConfigDict, workdir: str | None = None) -> N
 def _check_teachers(config) -> None:
     """Each scale's teacher resolves (a workdir, a file or a name), or the error lists the
     teachers that exist and how to train or pass one."""
-    if config.teacher_workdir == "random":
-        return
     from ustad.uninformed_students.teacher.catalog import resolve_teacher
 
     for p in config.patch_sizes:
-        resolve_teacher(str(config.teacher_workdir).format(p=p))
+        name = scale_teacher_name(config, p)
+        if name != "random":
+            resolve_teacher(name)
+
+
+def scale_teacher_name(config, patch_size: int) -> str:
+    """The teacher of one scale: ``scale_teachers["p<p>"]`` when given, else ``teacher_workdir``
+    with ``{p}`` replaced (``"random"``: an untrained one)."""
+    by_scale = config.get("scale_teachers") or {}
+    name = by_scale.get(f"p{patch_size}")
+    return str(name) if name else str(config.teacher_workdir).format(p=patch_size)
 
 
 def _check_resume(config, workdir: str) -> None:

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ustad import sharding as shd
+from ustad.uninformed_students.config import scale_teacher_name
 from ustad.uninformed_students.dense import dense_apply
 from ustad.uninformed_students.maps import teacher_targets
 from ustad.uninformed_students.nets import PatchNet, patch_net
@@ -31,7 +32,7 @@ _CACHE_DTYPES = {"float32": np.float32, "float16": np.float16, "bfloat16": jnp.b
 
 
 def teacher_from_config(config, patch_size: int, channels: int, key: jax.Array):
-    source = config.teacher_workdir
+    source = scale_teacher_name(config, patch_size)
     if source == "random":
         # Smoke runs only: an untrained teacher still gives a well-posed regression problem.
         module = patch_net(patch_size, widths=config.get("teacher_widths"), out_dim=config.out_dim)
@@ -39,9 +40,8 @@ def teacher_from_config(config, patch_size: int, channels: int, key: jax.Array):
         return module, jax.jit(module.init)(key, sample), "random"
     from ustad.uninformed_students.teacher.catalog import load_teacher, resolve_teacher
 
-    path = source.format(p=patch_size)
-    module, variables, _ = load_teacher(path)
-    return module, variables, str(resolve_teacher(path).resolve())
+    module, variables, _ = load_teacher(source)
+    return module, variables, str(resolve_teacher(source).resolve())
 
 
 @functools.lru_cache(maxsize=16)

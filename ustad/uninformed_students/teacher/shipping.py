@@ -133,32 +133,39 @@ def training_minutes(workdir: str | os.PathLike) -> float:
     return round(seconds / 60, 1)
 
 
-def probe_summary(lines: list[dict], source: str) -> dict:
+def probe_summary(lines: list[dict], source: str | list[str]) -> dict:
     """The manifest's probe figures of one teacher, per dataset.
 
     Args:
       lines: ``benchmarks/teacher_quality.py`` records.
-      source: the teacher source whose lines count (a workdir or snapshot file).
+      source: the teacher source whose lines count (a workdir or snapshot file), or several
+        (the same teacher probed under different paths, e.g. its snapshot file for the grid
+        probe and a copy of it for the students' verdict); a later line adds to an earlier
+        one of the same dataset.
 
     Returns:
       ``{dataset: {"descriptor_probe": {au_pro, pixel_auroc, image_auroc}, "grid_probe": …,
-      "student_probe": …, "r2_decoder", "mean_abs_offdiag_corr"}}`` from the σ = 4 smoothed
-      figures, with the probes a line holds.
+      "student_probe": …, "student_probe_updates", "r2_decoder", "mean_abs_offdiag_corr"}}``
+      from the σ = 4 smoothed figures, with the probes a line holds (``student_probe_updates``:
+      how many updates the probe's students trained, e.g. the ``cpu`` preset's verdict).
     """
+    sources = {source} if isinstance(source, str) else set(source)
     out = {}
     for line in lines:
-        if line["teacher"]["source"] != source:
+        if line["teacher"]["source"] not in sources:
             continue
-        entry = {}
+        entry = out.setdefault(line["dataset"], {})
         for probe in ("descriptor", "grid", "student"):
             if probe in line:
                 figures = line[probe]["figures"]["smoothed_sigma4"]
                 entry[f"{probe}_probe"] = {
                     k: figures[k] for k in ("au_pro", "pixel_auroc", "image_auroc")
                 }
+        steps = ((line.get("student") or {}).get("settings") or {}).get("steps")
+        if steps is not None:
+            entry["student_probe_updates"] = steps
         if "distill" in line:
             figures = line["distill"]["figures"]
             entry["r2_decoder"] = figures["r2_decoder"]
             entry["mean_abs_offdiag_corr"] = figures["mean_abs_offdiag_corr"]
-        out[line["dataset"]] = entry
     return out
