@@ -197,6 +197,30 @@ def test_no_preset_trains_fewer_than_its_floor_on_a_40_image_category():
     assert scheduled_steps(2, 3, 0) == 6 and scheduled_steps(2, 3, 7) == 9
 
 
+@pytest.mark.parametrize(
+    "name, images, steps",
+    [("cpu_small", 400, 360), ("cpu_tiny", 20, 18), ("cpu", 150, 135), ("reduced", 1000, 4500)],
+)
+def test_one_class_schedules_count_their_epochs_not_the_category_floor(name, images, steps):
+    """The one-class presets train a fixed number of images per class for their epochs (the
+    category floor once made cpu_small's 360 steps 18,900: 50 minutes a class instead of 1)."""
+    import importlib.util
+    from pathlib import Path
+
+    from ustad.data.split import split_validation
+    from ustad.uninformed_students.schedule import scale_schedule
+
+    path = Path(__file__).parents[1] / "configs" / "paper_one_class.py"
+    spec = importlib.util.spec_from_file_location("paper_one_class_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(name)
+    students = config.students
+    train, _ = split_validation(images, students.val_fraction, 0, students.val_min_images)
+    spe = len(train) // students.batch_size
+    assert scale_schedule(students, config.patch_size, spe)[0] == steps
+
+
 # --------------------------------------------------------------------- the best students kept
 
 
