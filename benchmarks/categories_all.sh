@@ -23,10 +23,10 @@ stfpm_before=train_steps=0,min_train_steps=0,epochs=3,keep_aspect=False
 students_before='"scale_epochs={""p17"":10,""p33"":12}",scale_train_steps={},epochs=12'
 students_before+=,min_train_steps=0,val_min_images=0,score_normalization=moments,select=last
 students_before+=,keep_aspect=False
-# The p = 33 teacher of both rows above: issue 23 shipped a new p33_small (live target); the
-# head-target teacher that the name held until then is p33_small_head. `teachers23` = the cpu
-# preset as shipped now.
-old_teachers='"scale_teachers={""p33"":""p33_small_head""}"'
+# The teachers of both rows above: issue 23 shipped a new p33_small and p17_small (live target);
+# the head-target teachers that the names held until then are p33_small_head and p17_small_head.
+# `teachers23` = the cpu preset as shipped now.
+old_teachers='"scale_teachers={""p17"":""p17_small_head"",""p33"":""p33_small_head""}"'
 for family in $families; do
   case "$family" in
     reference) run --family=reference --image_size=256 ;;

@@ -34,9 +34,11 @@ def get_config(arg: str = "p65") -> ml_collections.ConfigDict:
       minutes on one H100). The shipped teachers were trained on
       ``--config.source=folder --config.source_path=../shared/data/photos``.
     * ``p17_small``, ``p33_small``, ``p65_small``: the small family (⅛ widths, d = 32), for
-      students that train in minutes on a CPU. The shipped ``p17_small`` and ``p65_small`` and
-      the teacher shipped as ``p33_small_head`` were trained with these; the shipped
-      ``p33_small`` (issue 23) with ``p33_small_live --config.lambda_c=0.3`` (below).
+      students that train in minutes on a CPU. The shipped ``p65_small`` and the teachers shipped
+      as ``p17_small_head`` and ``p33_small_head`` were trained with these; the shipped
+      ``p33_small`` (issue 23) with ``p33_small_live --config.lambda_c=0.3`` (below), the
+      shipped ``p17_small`` with ``p17_small_live --config.lambda_c=0.3`` for 12,000 steps
+      (6,000, then ``--config.init_from=<that snapshot> --config.num_steps=12000``).
     * ``<any of the above>_live`` (issue 23): the live target. P's pooled head is mostly dead at
       T̂'s native window (1,160 of 1,280 dimensions exactly 0 at 17 px, 494 at 32 px on 512
       photo crops: ``benchmarks/teacher_targets.py``); these distil P's stage-3 and stage-4

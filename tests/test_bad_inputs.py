@@ -557,7 +557,7 @@ def test_the_mvtec_recipe_passes_its_teacher_on_and_a_missing_one_says_what_exis
     assert cli.main(args) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err
-    assert "(names: p17_small, p33, p33_small, p33_small_head, p65_small;" in err  # what exists
+    assert "(names: p17_small, p17_small_head, p33, p33_small, p33_small_head, p65_small;" in err  # what exists
     assert "--config=configs/students.py:p65_small" in err  # the shipped one to use
     assert "ustad train-teacher --config=configs/teacher.py:p65 --workdir=runs/teacher_p65" in err
     assert "--config.teacher_workdir=runs/teacher_p65" in err

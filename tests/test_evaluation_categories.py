@@ -219,15 +219,15 @@ def test_before_override_restores_epochs_per_scale():
     assert scale_schedule(config, 17, 16) == (160, 0)  # 10 epochs, no floor of updates
     assert scale_schedule(config, 33, 16) == (192, 0)
     assert config.val_min_images == 0 and config.select == "last"
-    # The rows before issue 23's p33_small keep the p = 33 teacher they were trained with.
+    # The rows before issue 23's teachers keep the p = 17 and p = 33 teachers they were trained with.
     (teachers,) = [
         line.split("=", 1)[1].strip("'") for line in text.splitlines()
         if line.startswith("old_teachers=")
     ]  # fmt: skip
     config = load_config("students", "cpu", next(csv.reader([teachers])))
     assert scale_teacher_name(config, 33) == "p33_small_head"
-    assert scale_teacher_name(config, 17) == "p17_small"
-    validate(config)  # the shipped head-target teacher resolves by that name
+    assert scale_teacher_name(config, 17) == "p17_small_head"
+    validate(config)  # the shipped head-target teachers resolve by those names
     with pytest.raises(ValueError, match="scale_epoch="):
         load_config("students", "cpu", ["scale_epoch={}"])
 

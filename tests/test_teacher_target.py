@@ -294,7 +294,7 @@ def test_live_presets_and_bad_settings():
         1e-3,
     )
     assert teacher_config("p33_live").patch_size == 33
-    assert teacher_config("p17_small").target_stages == ()  # the shipped recipe is unchanged
+    assert teacher_config("p17_small").target_stages == ()  # the old recipe is unchanged
     with pytest.raises(ValueError, match="unknown config 'p99_live'"):
         teacher_config("p99_live")
     for field, value, message in (
@@ -310,7 +310,7 @@ def test_live_presets_and_bad_settings():
 
 def test_shipped_teachers_of_the_old_target_still_load_and_say_so():
     # Written before target options: no "target" in the header; P's pooled head, D at the mean.
-    module, variables, header = catalog.load_teacher("p17_small")
+    module, variables, header = catalog.load_teacher("p17_small_head")
     assert header.get("target") is None and module.patch_size == 17
     assert targets.TargetSpec.from_record(header.get("target")).is_paper
     recipe = shipping.recipe(header)
@@ -319,7 +319,7 @@ def test_shipped_teachers_of_the_old_target_still_load_and_say_so():
         1280,
         "mean",
     )
-    assert probes.load_probe_teacher("p17_small").target is None
+    assert probes.load_probe_teacher("p17_small_head").target is None
 
 
 def test_stage_target_of_a_p_without_that_stage_names_the_stages(tmp_path):
