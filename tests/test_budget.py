@@ -221,6 +221,23 @@ def test_one_class_schedules_count_their_epochs_not_the_category_floor(name, ima
     assert scale_schedule(students, config.patch_size, spe)[0] == steps
 
 
+def test_the_demo_counts_its_epochs_not_the_category_floor():
+    """`make demo` trains 12 epochs per scale; the category floor once made them 18,804
+    updates (25 minutes instead of one)."""
+    import importlib.util
+    from pathlib import Path
+
+    from ustad.uninformed_students.schedule import scale_schedule
+
+    path = Path(__file__).parents[1] / "configs" / "demo.py"
+    spec = importlib.util.spec_from_file_location("demo_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    students = module.get_config().students
+    for patch_size in (17, 33):
+        assert scale_schedule(students, patch_size, 12)[0] == 144
+
+
 # --------------------------------------------------------------------- the best students kept
 
 
