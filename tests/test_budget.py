@@ -238,6 +238,24 @@ def test_the_demo_counts_its_epochs_not_the_category_floor():
         assert scale_schedule(students, patch_size, 12)[0] == 144
 
 
+@pytest.mark.parametrize("name, epochs", [("reduced", 20), ("cpu_p33", 2), ("smoke", 1)])
+def test_reduced_paper_schedules_count_their_epochs(name, epochs):
+    """configs/paper_mvtec.py's reduced schedules once inherited the paper's 18,800 updates as a
+    floor (smoke: 1 epoch became 18,800 updates)."""
+    import importlib.util
+    from pathlib import Path
+
+    from ustad.uninformed_students.schedule import scale_schedule
+
+    path = Path(__file__).parents[1] / "configs" / "paper_mvtec.py"
+    spec = importlib.util.spec_from_file_location("paper_mvtec_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(name)
+    for patch_size in config.patch_sizes:
+        assert scale_schedule(config.students, patch_size, 10)[0] == 10 * epochs
+
+
 # --------------------------------------------------------------------- the best students kept
 
 
